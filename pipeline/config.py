@@ -1,0 +1,340 @@
+"""Typed configuration: params.yaml -> frozen dataclasses, validated once.
+
+Every section of params.yaml is one dataclass below. ``load_params`` rejects unknown and
+missing keys, wrong types and out-of-range values with a ``ConfigError`` whose message is
+one line naming the key, the value and what is allowed. No torch here: the config is
+loaded (and rejected) before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, worded as one line for the user."""
+
+
+def _allowed(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"params: {key}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    raw_dir: str = "data/raw"
+    prepared_dir: str = "data/prepared"
+    classifier: str = "models/classifier.pt"
+    model: str = "models/ebm.pt"
+    run_info: str = "models/run.json"
+    checkpoint_dir: str = "models/checkpoints"
+    samples_dir: str = "samples"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+
+    def validate(self, section: str) -> None:
+        ok = self.device in ("auto", "cpu", "cuda", "mps") or (
+            self.device.startswith("cuda:") and self.device[5:].isdigit()
+        )
+        if not ok:
+            raise _allowed(f"{section}.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
+        if self.threads < 0:
+            raise _allowed(f"{section}.threads", self.threads, "an integer >= 0 (0 = torch's default)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "mnist5k"  # mnist5k (embedded, offline) | mnist (torchvision / IDX files)
+    test_fraction: float = 0.2  # mnist5k only: held-out share, stratified by digit
+    seed: int = 0
+
+    def validate(self, section: str) -> None:
+        if self.source not in ("mnist5k", "mnist"):
+            raise _allowed(f"{section}.source", self.source, "one of mnist5k, mnist")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise _allowed(f"{section}.test_fraction", self.test_fraction, "a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    hidden: int = 64
+
+    def validate(self, section: str) -> None:
+        if len(self.channels) != 4 or any(c < 1 for c in self.channels):
+            raise _allowed(f"{section}.channels", list(self.channels), "four positive integers")
+        if self.hidden < 1:
+            raise _allowed(f"{section}.hidden", self.hidden, "a positive integer")
+
+
+@dataclass(frozen=True)
+class LangevinConfig:
+    steps: int = 60
+    step_size: float = 10.0
+    noise: float = 0.005
+    grad_clip: float = 0.03  # elementwise clip of the input gradient; 0 disables it
+    precision: str = "fp32"  # fp32 | bf16: autocast dtype of the score inside the sampler
+
+    def validate(self, section: str) -> None:
+        if self.steps < 1:
+            raise _allowed(f"{section}.steps", self.steps, "an integer >= 1")
+        if self.step_size <= 0:
+            raise _allowed(f"{section}.step_size", self.step_size, "a number > 0")
+        if self.noise < 0:
+            raise _allowed(f"{section}.noise", self.noise, "a number >= 0")
+        if self.grad_clip < 0:
+            raise _allowed(f"{section}.grad_clip", self.grad_clip, "a number >= 0 (0 = no clip)")
+        if self.precision not in ("fp32", "bf16"):
+            raise _allowed(f"{section}.precision", self.precision, "one of fp32, bf16")
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    size: int = 8192
+    reinit_prob: float = 0.05
+
+    def validate(self, section: str) -> None:
+        if self.size < 1:
+            raise _allowed(f"{section}.size", self.size, "an integer >= 1")
+        if not 0.0 <= self.reinit_prob <= 1.0:
+            raise _allowed(f"{section}.reinit_prob", self.reinit_prob, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    alpha: float = 0.1  # weight of the score-magnitude regulariser
+    real_noise: float = 0.005  # std of the noise added to real images
+    weight_grad_clip: float = 0.0  # max norm of the weight gradient; 0 disables it
+    log_every: int = 10
+    sample_every: int = 200  # steps between buffer-sample grids in MLflow; 0 disables them
+    checkpoint_every: int = 100
+    max_score: float = 1e4  # |score| above this counts as divergence
+    rollback_lr_factor: float = 0.5
+    max_rollbacks: int = 3
+
+    def validate(self, section: str) -> None:
+        positive_ints = ("epochs", "batch_size", "log_every", "checkpoint_every")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
+        if self.lr <= 0:
+            raise _allowed(f"{section}.lr", self.lr, "a number > 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "a number in [0, 1)")
+        for name in ("alpha", "real_noise", "weight_grad_clip"):
+            if getattr(self, name) < 0:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "a number >= 0")
+        if self.sample_every < 0:
+            raise _allowed(f"{section}.sample_every", self.sample_every, "an integer >= 0 (0 = off)")
+        if self.max_score <= 0:
+            raise _allowed(f"{section}.max_score", self.max_score, "a number > 0")
+        if not 0.0 < self.rollback_lr_factor < 1.0:
+            raise _allowed(f"{section}.rollback_lr_factor", self.rollback_lr_factor, "a number in (0, 1)")
+        if self.max_rollbacks < 0:
+            raise _allowed(f"{section}.max_rollbacks", self.max_rollbacks, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    seed: int = 0
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 1e-3
+    feature_dim: int = 128  # width of the penultimate layer = FID feature space
+
+    def validate(self, section: str) -> None:
+        for name in ("epochs", "batch_size", "feature_dim"):
+            if getattr(self, name) < 1:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
+        if self.lr <= 0:
+            raise _allowed(f"{section}.lr", self.lr, "a number > 0")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    seed: int = 0
+    n_samples: int = 1000
+    steps: int = 1000
+    batch_size: int = 500
+    chain_rows: int = 8
+    chain_steps: tuple[int, ...] = (0, 1, 3, 5, 10, 30, 50, 100, 300, 999)
+
+    def validate(self, section: str) -> None:
+        for name in ("n_samples", "steps", "batch_size", "chain_rows"):
+            if getattr(self, name) < 1:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
+        if self.chain_rows > self.n_samples:
+            raise _allowed(f"{section}.chain_rows", self.chain_rows, f"at most n_samples ({self.n_samples})")
+        bad = [s for s in self.chain_steps if not 0 <= s < self.steps]
+        if not self.chain_steps or bad:
+            raise _allowed(
+                f"{section}.chain_steps", list(self.chain_steps), f"a non-empty list of steps in [0, {self.steps - 1}]"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    seed: int = 0
+    n_noise: int = 1000  # uniform-noise images scored for the energy separation
+    confidence: float = 0.9  # classifier confidence a sample must exceed to count as recognisable
+    hist_bins: int = 50
+
+    def validate(self, section: str) -> None:
+        if self.n_noise < 2:
+            raise _allowed(f"{section}.n_noise", self.n_noise, "an integer >= 2")
+        if not 0.0 < self.confidence < 1.0:
+            raise _allowed(f"{section}.confidence", self.confidence, "a number in (0, 1)")
+        if self.hist_bins < 2:
+            raise _allowed(f"{section}.hist_bins", self.hist_bins, "an integer >= 2")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "ebm-mnist"
+    log_model: bool = True  # log the energy network as an MLflow model
+
+    def validate(self, section: str) -> None:
+        if not self.experiment.strip():
+            raise _allowed(f"{section}.experiment", self.experiment, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    langevin: LangevinConfig = field(default_factory=LangevinConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        if self.buffer.size < self.train.batch_size:
+            raise _allowed(
+                "buffer.size", self.buffer.size, f"at least train.batch_size ({self.train.batch_size})"
+            )
+
+    def flat(self) -> dict[str, Any]:
+        """Every value as ``section.key`` -> value (lists as strings), e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            for k, v in dataclasses.asdict(getattr(self, f.name)).items():
+                out[f"{f.name}.{k}"] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation; return it in the field's type."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise _allowed(key, value, f"a list of {item_type.__name__}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise _allowed(key, value, "true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _allowed(key, value, "an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _allowed(key, value, "a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise _allowed(key, value, "a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug here, not the user's
+
+
+def _build(cls: type, key: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise _allowed(key, raw, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"params: unknown key {key}.{unknown[0]} (allowed: {', '.join(names)})")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"params: missing key {key}.{missing[0]}")
+    kwargs = {}
+    for name in names:
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, f"{key}.{name}" if key else name, raw[name])
+        else:
+            kwargs[name] = _coerce(f"{key}.{name}" if key else name, raw[name], hint)
+    return cls(**kwargs)
+
+
+def parse_params(raw: Any) -> Params:
+    """Build and validate ``Params`` from an already-parsed YAML mapping."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params: the file must hold a mapping of sections")
+    hints = typing.get_type_hints(Params)
+    names = [f.name for f in dataclasses.fields(Params)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"params: unknown section {unknown[0]} (allowed: {', '.join(names)})")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise ConfigError(f"params: missing section {missing[0]}")
+    params = Params(**{n: _build(hints[n], n, raw[n]) for n in names})
+    params.validate()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"params: {path} is not valid YAML: {first}") from None
+    return parse_params(raw)
+
+
+def with_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """A copy of ``params`` with ``{"section.key": value}`` overrides applied and re-validated."""
+    raw = {f.name: dataclasses.asdict(getattr(params, f.name)) for f in dataclasses.fields(params)}
+    for dotted, value in overrides.items():
+        section, _, key = dotted.partition(".")
+        if section not in raw or key not in raw[section]:
+            raise ConfigError(f"params: unknown key {dotted}")
+        raw[section][key] = value
+    raw = {s: {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items()} for s, sec in raw.items()}
+    return parse_params(raw)
+

@@ -1,0 +1,72 @@
+"""Metrics of a trained energy model: energy separation, FID, classifier confidence and coverage."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from pipeline.classifier import DigitClassifier, predict
+from pipeline.fid import fid_from_features
+
+
+@torch.no_grad()
+def score_images(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 1000):
+    model.eval()
+    return np.concatenate(
+        [model(images[i : i + batch_size].to(device)).double().cpu().numpy() for i in range(0, len(images), batch_size)]
+    )
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
+    ranks = rankdata(np.concatenate([positive, negative]))
+    n_pos, n_neg = len(positive), len(negative)
+    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def energy_separation(real: np.ndarray, noise: np.ndarray, samples: np.ndarray) -> dict[str, float]:
+    return {
+        "score_real": float(real.mean()),
+        "score_noise": float(noise.mean()),
+        "score_samples": float(samples.mean()),
+        "score_gap_real_noise": float(real.mean() - noise.mean()),
+        "auc_real_vs_noise": roc_auc(real, noise),
+    }
+
+
+def normalised_entropy(labels: np.ndarray, n_classes: int = 10) -> float:
+    """Entropy of the predicted-class histogram divided by log(n_classes): 1 = all digits equally often."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return float(-(nz * np.log(nz)).sum() / np.log(n_classes))
+
+
+def classifier_metrics(
+    classifier: DigitClassifier,
+    samples: torch.Tensor,
+    real_test: torch.Tensor,
+    real_train: torch.Tensor,
+    device: torch.device,
+    confidence: float,
+    generator: torch.Generator,
+) -> tuple[dict[str, float], np.ndarray]:
+    """FID (samples vs test) beside its real-vs-real floor (train subset vs test, same N), confidence, coverage."""
+    n = min(len(samples), len(real_test), len(real_train))
+    test_idx = torch.randperm(len(real_test), generator=generator)[:n]
+    train_idx = torch.randperm(len(real_train), generator=generator)[:n]
+    f_samples, p_samples = predict(classifier, samples[:n], device)
+    f_test, _ = predict(classifier, real_test[test_idx], device)
+    f_train, _ = predict(classifier, real_train[train_idx], device)
+    labels = p_samples.argmax(1).numpy()
+    metrics = {
+        "fid": fid_from_features(f_samples.numpy(), f_test.numpy()),
+        "fid_real_floor": fid_from_features(f_train.numpy(), f_test.numpy()),
+        "fid_n": float(n),
+        "confident_share": float((p_samples.max(1).values > confidence).double().mean()),
+        "coverage_entropy": normalised_entropy(labels),
+    }
+    per_digit = np.bincount(labels, minlength=10)
+    return metrics, per_digit

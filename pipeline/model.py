@@ -1,0 +1,57 @@
+"""EnergyNet: image (B, 1, 32, 32) in [-1, 1] -> score (B,) = -energy. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+
+IMAGE_SHAPE = (1, 32, 32)
+
+
+class EnergyNet(nn.Module):
+    """The book's Swish CNN: four stride-2 convolutions, then a two-layer head with a linear output."""
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 64), hidden: int = 64) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = channels
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c1, kernel_size=5, stride=2, padding=2),  # 32 -> 16
+            nn.SiLU(),
+            nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1),  # 16 -> 8
+            nn.SiLU(),
+            nn.Conv2d(c2, c3, kernel_size=3, stride=2, padding=1),  # 8 -> 4
+            nn.SiLU(),
+            nn.Conv2d(c3, c4, kernel_size=3, stride=2, padding=1),  # 4 -> 2
+            nn.SiLU(),
+            nn.Flatten(),  # (B, c4 * 2 * 2)
+        )
+        self.head = nn.Sequential(nn.Linear(c4 * 4, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "EnergyNet":
+        return cls(channels=tuple(cfg.channels), hidden=cfg.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x)).squeeze(-1)  # (B,)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """Weights stop requiring gradients inside the block (Langevin differentiates w.r.t. the input only)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)

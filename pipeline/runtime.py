@@ -1,0 +1,45 @@
+"""Device choice, threads and seeding: the few process-wide settings every stage shares."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from pipeline.config import RuntimeConfig
+
+
+def resolve_device(cfg: RuntimeConfig) -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; an explicit device must exist."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device={cfg.device} but CUDA is not available; use auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"runtime.device={cfg.device} but MPS is not available; use auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a precision name (fp32 = disabled)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

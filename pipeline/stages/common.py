@@ -1,0 +1,53 @@
+"""Helpers shared by the stages: file digests, JSON output, split paths, model loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.checkpoint import MODEL_FORMAT, safe_load
+from pipeline.config import ModelConfig, Params
+from pipeline.model import EnergyNet
+
+CLASSIFIER_FORMAT = "digit-classifier/1"
+
+
+def file_md5(path: str | Path) -> str:
+    """The md5 DVC records for a file output."""
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def split_path(params: Params, name: str) -> Path:
+    return Path(params.paths.prepared_dir) / f"{name}.pt"
+
+
+def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet, dict]:
+    """Rebuild the network from the config stored beside its weights."""
+    blob = safe_load(path, MODEL_FORMAT)
+    cfg = blob["model_config"]
+    model = EnergyNet.from_config(ModelConfig(channels=tuple(cfg["channels"]), hidden=int(cfg["hidden"])))
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval(), blob
+
+
+def load_classifier(path: str | Path, device: torch.device):
+    from pipeline.classifier import DigitClassifier
+
+    blob = safe_load(path, CLASSIFIER_FORMAT)
+    model = DigitClassifier(int(blob["feature_dim"]))
+    model.load_state_dict(blob["model"])
+    return model.to(device).eval()

@@ -1,0 +1,64 @@
+"""Stage ``evaluate``: energy separation, FID, classifier confidence and coverage, histograms."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data, tracking
+from pipeline.buffer import uniform_noise
+from pipeline.config import Params
+from pipeline.evaluate import classifier_metrics, energy_separation, score_images
+from pipeline.figures import save_histograms
+from pipeline.model import IMAGE_SHAPE
+from pipeline.runtime import resolve_device
+from pipeline.stages.common import file_md5, load_classifier, load_energy_model, split_path, write_json
+
+
+def run(params: Params) -> dict:
+    device = resolve_device(params.runtime)
+    model, _ = load_energy_model(params.paths.model, device)
+    classifier = load_classifier(params.paths.classifier, device)
+    test_split = data.load_split(split_path(params, "test"))
+    train_split = data.load_split(split_path(params, "train"))
+    samples_path = Path(params.paths.samples_dir) / "samples.npy"
+    if not samples_path.is_file():
+        raise data.DataError(f"evaluate: {samples_path} not found; run the generate stage first")
+    samples = torch.from_numpy(np.load(samples_path))
+    generator = torch.Generator().manual_seed(params.evaluate.seed)
+    noise = uniform_noise(params.evaluate.n_noise, IMAGE_SHAPE, device="cpu", generator=generator)
+
+    scores = {
+        "real digits (test)": score_images(model, test_split.images, device),
+        "uniform noise": score_images(model, noise, device),
+        "generated samples": score_images(model, samples, device),
+    }
+    metrics = energy_separation(*scores.values())
+    cls_metrics, per_digit = classifier_metrics(
+        classifier,
+        samples,
+        test_split.images,
+        train_split.images,
+        device,
+        params.evaluate.confidence,
+        generator,
+    )
+    metrics.update(cls_metrics)
+    metrics = {k: round(v, 6) for k, v in metrics.items()}
+    metrics_path = Path(params.paths.metrics_dir) / "evaluate.json"
+    write_json({**metrics, "samples_per_digit": per_digit.tolist()}, metrics_path)
+
+    plots = Path(params.paths.plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    save_histograms(scores, plots / "energy_hist.png", bins=params.evaluate.hist_bins)
+
+    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info))
+    tracker.log_metrics({f"evaluate.{k}": float(v) for k, v in metrics.items()})
+    tracker.set_tags({"dvc.model_md5": file_md5(params.paths.model)})
+    tracker.log_artifact(plots / "energy_hist.png", "figures")
+    tracker.log_artifact(metrics_path, "metrics")
+    tracker.close("FINISHED")
+    print("evaluate: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+    return metrics

@@ -1,0 +1,38 @@
+"""Stage ``generate``: samples from uniform noise, the sample grid and the chain figure."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.config import Params
+from pipeline.figures import save_chain, save_grid
+from pipeline.generate import generate_samples
+from pipeline.runtime import resolve_device
+from pipeline.stages.common import load_energy_model, write_json
+
+
+def run(params: Params, progress: bool = True) -> dict:
+    device = resolve_device(params.runtime)
+    model, _ = load_energy_model(params.paths.model, device)
+    start = time.perf_counter()
+    samples, snapshots = generate_samples(model, params.generate, params.langevin, device, progress=progress)
+    seconds = time.perf_counter() - start
+    out = Path(params.paths.samples_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "samples.npy", samples.numpy().astype(np.float32))
+    save_grid(samples[:100], out / "samples.png", nrow=10, title=f"{params.generate.steps} Langevin steps from noise")
+    save_chain(snapshots, out / "chain.png")
+    metrics = {"generate_seconds": round(seconds, 2), "n_samples": len(samples), "steps": params.generate.steps}
+    write_json(metrics, Path(params.paths.metrics_dir) / "generate.json")
+
+    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info))
+    tracker.log_metrics({f"generate.{k}": float(v) for k, v in metrics.items()})
+    tracker.log_artifact(out / "samples.png", "figures")
+    tracker.log_artifact(out / "chain.png", "figures")
+    tracker.close("FINISHED")
+    print(f"generate: {len(samples)} samples x {params.generate.steps} steps in {seconds:.1f}s -> {out}")
+    return metrics

@@ -1,0 +1,121 @@
+"""Stage ``train``: contrastive-divergence training, tracked as one MLflow run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import data, tracking
+from pipeline.checkpoint import MODEL_FORMAT, atomic_save
+from pipeline.config import Params
+from pipeline.figures import save_curves, save_grid
+from pipeline.model import EnergyNet, count_parameters
+from pipeline.runtime import describe, resolve_device, seed_everything
+from pipeline.stages.common import file_md5, split_path, write_json
+from pipeline.train import Trainer, TrainingInterrupted
+
+CHECKPOINT_NAME = "last.pt"
+
+
+
+def run(params: Params, progress: bool = True) -> dict:
+    tracking.preflight(params.tracking)  # an unreachable server fails here, before any training
+    seed_everything(params.train.seed)
+    device = resolve_device(params.runtime)
+    train_split = data.load_split(split_path(params, "train"))
+    checkpoint = Path(params.paths.checkpoint_dir) / CHECKPOINT_NAME
+
+    trainer = Trainer(params, train_split.images, device, tracking.NullTracker(), checkpoint, progress=progress)
+    resumed = trainer.try_resume()
+    run_id = Trainer.checkpoint_run_id(checkpoint) if resumed else None
+    if run_id:
+        tracker = tracking.resume_run(params.tracking, run_id)
+    else:
+        tracker = tracking.start_run(params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+    trainer.tracker = tracker
+    if resumed:
+        print(f"train: resuming from step {trainer.step} of {trainer.total_steps} ({checkpoint})")
+    else:
+        trainer.save_checkpoint()  # records the run id, so a resume after a kill logs into the same run
+    if not resumed:
+        tracker.log_params(params.flat())
+    tracker.set_tags(
+        {
+            "device": describe(device),
+            "torch": torch.__version__,
+            "model.parameters": str(count_parameters(trainer.model)),
+            "dvc.data_md5.train": file_md5(split_path(params, "train")),
+            "dvc.data_md5.test": file_md5(split_path(params, "test")),
+        }
+    )
+
+    samples_every = params.train.sample_every
+
+    def on_log(step: int, tr: Trainer) -> None:
+        if samples_every and step % samples_every == 0 and len(tr.buffer):
+            import matplotlib.pyplot as plt
+
+            with tracking.temp_dir() as tmp:
+                grid = Path(tmp) / f"buffer_step{step:06d}.png"
+                save_grid(tr.buffer.images()[-64:], grid, nrow=8, title=f"replay buffer, step {step}")
+                tracker.log_artifact(grid, "buffer")
+            plt.close("all")
+
+    try:
+        result = trainer.fit(on_log=on_log)
+    except TrainingInterrupted:
+        tracker.close("KILLED")
+        raise
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+
+    model_path = Path(params.paths.model)
+    atomic_save(
+        {
+            "format": MODEL_FORMAT,
+            "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+            "model_config": {"channels": list(params.model.channels), "hidden": params.model.hidden},
+            "params": params.flat(),
+            "steps": result.steps,
+        },
+        model_path,
+    )
+    tracking.write_run_info(params.paths.run_info, tracker, params.tracking.experiment)
+
+    last = result.history[-1]
+    metrics = {
+        "steps": result.steps,
+        "final_loss": last["loss"],
+        "final_real_score": last["real_score"],
+        "final_fake_score": last["fake_score"],
+        "rollbacks": result.rollbacks,
+        "train_seconds": round(result.seconds, 2),
+        "seconds_per_step": round(result.seconds / max(1, result.steps - result.resumed_from), 4),
+    }
+    write_json(metrics, Path(params.paths.metrics_dir) / "train.json")
+    plots = Path(params.paths.plots_dir)
+    plots.mkdir(parents=True, exist_ok=True)
+    keys = list(result.history[0].keys())
+    lines = [",".join(keys)] + [",".join(f"{row[k]:.6g}" for k in keys) for row in result.history]
+    (plots / "train.csv").write_text("\n".join(lines) + "\n")
+    save_curves(result.history, plots / "train_curves.png")
+
+    tracker.log_metrics({f"train.{k}": float(v) for k, v in metrics.items()}, step=result.steps)
+    tracker.set_tags({"dvc.model_md5": file_md5(model_path)})
+    tracker.log_artifact(plots / "train_curves.png", "figures")
+    tracker.log_artifact(Path(params.paths.metrics_dir) / "train.json", "metrics")
+    if params.tracking.log_model:
+        cpu_model = EnergyNet.from_config(params.model)
+        cpu_model.load_state_dict({k: v.detach().cpu() for k, v in result.model.state_dict().items()})
+        tracker.log_model(cpu_model.eval(), np.zeros((2, 1, 32, 32), dtype=np.float32))
+    tracker.close("FINISHED")
+    checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale checkpoint would be resumed
+    print(
+        f"train: {result.steps} steps in {result.seconds:.1f}s on {describe(device)}; "
+        f"final loss {last['loss']:.4f} -> {model_path}"
+    )
+    return metrics

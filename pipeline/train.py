@@ -1,0 +1,301 @@
+"""Contrastive-divergence training: batch, buffer draw, Langevin, loss, step, log.
+
+The trainer owns the loop and its safety nets: periodic atomic checkpoints (model, optimizer,
+replay buffer, step, every RNG state), resume after a kill, save-and-exit on SIGINT/SIGTERM,
+and rollback with a lower learning rate when the scores diverge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.buffer import ReplayBuffer
+from pipeline.checkpoint import CHECKPOINT_FORMAT, atomic_save, rng_state, safe_load, set_rng_state
+from pipeline.config import LangevinConfig, Params, TrainConfig
+from pipeline.langevin import langevin, score_in_precision
+from pipeline.losses import contrastive_divergence
+from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
+
+LOGGED = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
+
+
+class TrainingDiverged(RuntimeError):
+    """Scores kept diverging after every allowed rollback."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved first."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        super().__init__(f"train: stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}")
+        self.signum = signum
+
+
+
+def cd_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    buffer: ReplayBuffer,
+    real: torch.Tensor,
+    *,
+    langevin_cfg: LangevinConfig,
+    train_cfg: TrainConfig,
+    generator: torch.Generator,
+    score_fn: Callable | None = None,
+) -> dict[str, torch.Tensor]:
+    """One contrastive-divergence update; returns detached statistics (no host sync)."""
+    n = real.shape[0]
+    score_fn = score_fn or model
+    real = (real + train_cfg.real_noise * torch.randn(real.shape, generator=generator, device=real.device)).clamp(-1, 1)
+    x0 = buffer.sample(n, generator)  # (n, 1, 32, 32)
+    with frozen(model):  # important: Langevin must not touch the weights' gradients
+        fake, _ = langevin(
+            score_fn,
+            x0,
+            steps=langevin_cfg.steps,
+            step_size=langevin_cfg.step_size,
+            noise=langevin_cfg.noise,
+            grad_clip=langevin_cfg.grad_clip,
+            generator=generator,
+        )
+    buffer.push(fake)
+    scores = model(torch.cat([real, fake]))  # (2n,): split by count, never by halves of a short batch
+    real_scores, fake_scores = scores[:n], scores[n:]
+    loss, stats = contrastive_divergence(real_scores, fake_scores, train_cfg.alpha)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = train_cfg.weight_grad_clip if train_cfg.weight_grad_clip > 0 else math.inf
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
+    stats["max_abs_score"] = scores.detach().abs().max()
+    optimizer.step()
+    return stats
+
+
+@dataclass
+class TrainResult:
+    model: EnergyNet
+    history: list[dict[str, float]]
+    steps: int
+    seconds: float
+    rollbacks: int
+    run_id: str | None
+    buffer: ReplayBuffer
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fingerprint(params: Params, data_digest: str) -> str:
+    """What must match for a checkpoint to be resumed: every training input."""
+    relevant = {
+        s: dataclasses.asdict(getattr(params, s)) for s in ("data", "model", "langevin", "buffer", "train", "runtime")
+    }
+    relevant["data_digest"] = data_digest
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class Trainer:
+    def __init__(
+        self,
+        params: Params,
+        images: torch.Tensor,
+        device: torch.device,
+        tracker: Any,
+        checkpoint_path: str | Path,
+        progress: bool = True,
+        step_fn: Callable[..., dict[str, torch.Tensor]] = cd_step,
+    ) -> None:
+        self.params, self.cfg = params, params.train
+        self.device, self.tracker = device, tracker
+        self.progress = progress
+        self.step_fn = step_fn
+        self.checkpoint_path = Path(checkpoint_path)
+        self.images = images.to(device)  # (N, 1, 32, 32)
+        self.steps_per_epoch = self.images.shape[0] // self.cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"train: {self.images.shape[0]} training images are fewer than one batch ({self.cfg.batch_size})"
+            )
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        self.fingerprint = fingerprint(params, tensor_digest(images))
+        torch.manual_seed(self.cfg.seed)
+        self.model = EnergyNet.from_config(params.model).to(device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2)
+        )
+        self.buffer = ReplayBuffer(params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob, device)
+        self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
+        self.score_fn = score_in_precision(self.model, device, params.langevin.precision)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.rollbacks = 0
+        self.lr_scale = 1.0
+        self._signal: int | None = None
+
+    # ------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "rng": rng_state({"train": self.generator}),
+            "history": self.history,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "run_id": getattr(self.tracker, "run_id", None),
+        }
+
+    def save_checkpoint(self) -> None:
+        atomic_save(self.state_dict(), self.checkpoint_path)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        set_rng_state(state["rng"], {"train": self.generator})
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self.rollbacks = int(state["rollbacks"])
+        self.lr_scale = float(state["lr_scale"])
+
+    def try_resume(self) -> bool:
+        """Resume from the checkpoint if it belongs to this exact configuration and data."""
+        if not self.checkpoint_path.is_file():
+            return False
+        state = safe_load(self.checkpoint_path, CHECKPOINT_FORMAT)
+        if state.get("fingerprint") != self.fingerprint:
+            return False
+        self.load_state(state)
+        return True
+
+    @staticmethod
+    def checkpoint_run_id(path: str | Path) -> str | None:
+        path = Path(path)
+        if not path.is_file():
+            return None
+        return safe_load(path, CHECKPOINT_FORMAT).get("run_id")
+
+    # ------------------------------------------------------------ loop
+
+    def _batch(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if getattr(self, "_perm_epoch", None) != epoch:
+            # The order of each epoch depends on (seed, epoch) only, so a resumed run sees the same batches.
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.images.shape[0], generator=g).to(self.device)
+            self._perm_epoch = epoch
+        idx = self._perm[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]  # drop the short tail
+        return self.images[idx]
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signal = signum
+
+    def _rollback(self, step: int, stats: dict[str, float]) -> None:
+        self.rollbacks += 1
+        detail = f"loss={stats['loss']:.4g}, max |score|={stats['max_abs_score']:.4g}"
+        if self.rollbacks > self.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"train: diverged at step {step} ({detail}) after {self.cfg.max_rollbacks} rollbacks; "
+                f"lower train.lr or langevin.step_size"
+            )
+        rollbacks, lr_scale = self.rollbacks, self.lr_scale * self.cfg.rollback_lr_factor
+        state = safe_load(self.checkpoint_path, CHECKPOINT_FORMAT)
+        self.load_state(state)
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * self.lr_scale
+        message = (
+            f"train: divergence at step {step} ({detail}); rolled back to step {self.step}, "
+            f"lr now {self.cfg.lr * self.lr_scale:.3g} (rollback {self.rollbacks}/{self.cfg.max_rollbacks})"
+        )
+        tqdm.write(message)
+        self.tracker.log_metrics({"rollback": float(self.rollbacks), "lr": self.cfg.lr * self.lr_scale}, step=step)
+        self.tracker.set_tags({f"rollback.{self.rollbacks}": message})
+        self.save_checkpoint()  # the lowered lr and the rollback count survive a later kill
+
+    def fit(self, on_log: Callable[[int, "Trainer"], None] | None = None) -> TrainResult:
+        resumed_from = self.step
+        if self.step == 0 and not self.checkpoint_path.is_file():
+            self.save_checkpoint()  # a rollback target exists from the first step on
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * self.lr_scale
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        start = time.perf_counter()
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", unit="it", disable=not self.progress, leave=False
+        )
+        try:
+            while self.step < self.total_steps:
+                step = self.step
+                stats = self.step_fn(
+                    self.model,
+                    self.optimizer,
+                    self.buffer,
+                    self._batch(step),
+                    langevin_cfg=self.params.langevin,
+                    train_cfg=self.cfg,
+                    generator=self.generator,
+                    score_fn=self.score_fn,
+                )
+                done = step + 1
+                is_log = done % self.cfg.log_every == 0 or done == self.total_steps
+                is_ckpt = done % self.cfg.checkpoint_every == 0 or done == self.total_steps
+                # Checking needs a host sync: every step on CPU (free), at log/checkpoint steps on GPU.
+                if is_log or is_ckpt or self.device.type == "cpu":
+                    values = {k: float(v) for k, v in stats.items()}
+                    if not all(math.isfinite(v) for v in values.values()) or values["max_abs_score"] > self.cfg.max_score:
+                        self._rollback(step, values)
+                        bar.n = self.step
+                        bar.refresh()
+                        continue
+                self.step = done
+                bar.update(1)
+                if is_log:
+                    row = {"step": done, **{k: values[k] for k in LOGGED if k in values}}
+                    row["buffer_fill"] = float(len(self.buffer))
+                    self.history.append(row)
+                    self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", real=f"{row['real_score']:.3f}", fake=f"{row['fake_score']:.3f}")
+                    if on_log is not None:
+                        on_log(done, self)
+                if is_ckpt:
+                    self.save_checkpoint()
+                if self._signal is not None:
+                    self.save_checkpoint()
+                    raise TrainingInterrupted(self._signal, self.step, self.checkpoint_path)
+        finally:
+            bar.close()
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+        return TrainResult(
+            model=self.model,
+            history=self.history,
+            steps=self.step,
+            seconds=time.perf_counter() - start,
+            rollbacks=self.rollbacks,
+            run_id=getattr(self.tracker, "run_id", None),
+            buffer=self.buffer,
+            resumed_from=resumed_from,
+        )
+
+
+__all__ = ["Trainer", "TrainResult", "TrainingDiverged", "TrainingInterrupted", "cd_step"]
