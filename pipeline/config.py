@@ -57,11 +57,14 @@ class RuntimeConfig:
 class DataConfig:
     source: str = "mnist5k"  # mnist5k (embedded, offline) | mnist (torchvision / IDX files)
     test_fraction: float = 0.2  # mnist5k only: held-out share, stratified by digit
+    limit: int = 0  # keep at most this many digits per split (0 = all): for smoke tests
     seed: int = 0
 
     def validate(self, section: str) -> None:
         if self.source not in ("mnist5k", "mnist"):
             raise _allowed(f"{section}.source", self.source, "one of mnist5k, mnist")
+        if self.limit < 0:
+            raise _allowed(f"{section}.limit", self.limit, "an integer >= 0 (0 = all)")
         if not 0.0 < self.test_fraction < 1.0:
             raise _allowed(f"{section}.test_fraction", self.test_fraction, "a number in (0, 1)")
 

@@ -151,6 +151,14 @@ def to_model_space(images_uint8: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1).contiguous()
 
 
+def _subset(pair: tuple[np.ndarray, np.ndarray], limit: int, rng: np.random.Generator):
+    images, labels = pair
+    if len(labels) <= limit:
+        return pair
+    idx = np.sort(rng.permutation(len(labels))[:limit])
+    return images[idx], labels[idx]
+
+
 def _checksum(images: np.ndarray, labels: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(images).tobytes())
@@ -166,6 +174,9 @@ def prepare(cfg: DataConfig, raw_dir: str | Path) -> tuple[dict[str, Split], dic
         raw = {"train": (images[train_idx], labels[train_idx]), "test": (images[test_idx], labels[test_idx])}
     else:
         raw = load_mnist(raw_dir)
+    if cfg.limit:
+        rng = np.random.default_rng(cfg.seed)
+        raw = {k: _subset(v, cfg.limit, rng) for k, v in raw.items()}
     splits, summary = {}, {"source": cfg.source, "image_shape": [1, 32, 32], "splits": {}}
     for name, (imgs, lbls) in raw.items():
         split = Split(to_model_space(imgs), torch.from_numpy(lbls))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ class Trainer:
             f"train: divergence at step {step} ({detail}); rolled back to step {self.step}, "
             f"lr now {self.cfg.lr * self.lr_scale:.3g} (rollback {self.rollbacks}/{self.cfg.max_rollbacks})"
         )
-        tqdm.write(message)
+        tqdm.write(message, file=sys.stderr)
         self.tracker.log_metrics({"rollback": float(self.rollbacks), "lr": self.cfg.lr * self.lr_scale}, step=step)
         self.tracker.set_tags({f"rollback.{self.rollbacks}": message})
         self.save_checkpoint()  # the lowered lr and the rollback count survive a later kill

@@ -1,0 +1,210 @@
+"""``python -m pipeline bench``: training and Langevin throughput at book settings.
+
+In one process and one run it times (1) a plain eager fp32 PyTorch implementation of the CD
+training step, written here with no tricks, and (2) the project's trainer step as configured
+by params.yaml, and prints the speed-up. It also prints the achieved GFLOP/s inside Langevin
+next to a large matrix multiply timed in the same run, the peak memory, and the time to
+generate samples from noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from pipeline.buffer import ReplayBuffer
+from pipeline.config import Params, with_overrides
+from pipeline.generate import generate_samples
+from pipeline.langevin import score_in_precision
+from pipeline.model import IMAGE_SHAPE, EnergyNet
+from pipeline.runtime import describe, resolve_device
+from pipeline.train import cd_step
+
+
+def forward_flops(model: EnergyNet, image_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
+    """Multiply-adds x 2 of one forward pass of one image, counted from the layer shapes."""
+    flops = 0
+    hooks = []
+
+    def conv_hook(module, inputs, output):
+        nonlocal flops
+        k = module.kernel_size[0] * module.kernel_size[1]
+        flops += 2 * output[0].numel() * module.in_channels * k
+
+    def linear_hook(module, inputs, output):
+        nonlocal flops
+        flops += 2 * module.in_features * module.out_features
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, torch.nn.Linear):
+            hooks.append(m.register_forward_hook(linear_hook))
+    with torch.no_grad():
+        model(torch.zeros(1, *image_shape, device=next(model.parameters()).device))
+    for h in hooks:
+        h.remove()
+    return flops
+
+
+def eager_reference_step(model, optimizer, buffer_images, real, steps, step_size, noise, grad_clip, alpha, reinit_prob):
+    """The CD step as a plain fp32 eager loop, the way a tutorial writes it (the baseline)."""
+    n = real.shape[0]
+    real = (real + noise * torch.randn_like(real)).clamp(-1, 1)
+    n_new = int(torch.distributions.Binomial(n, torch.tensor(reinit_prob)).sample().item())
+    fresh = torch.rand(n_new, *real.shape[1:], device=real.device) * 2 - 1
+    old = buffer_images[torch.randint(0, buffer_images.shape[0], (n - n_new,), device=real.device)]
+    x = torch.cat([fresh, old]).detach()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _ in range(steps):
+        x = (x + noise * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
+        grad = torch.autograd.grad(model(x).sum(), x)[0]
+        x = (x + step_size * grad.clamp(-grad_clip, grad_clip)).clamp(-1, 1).detach()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    scores = model(torch.cat([real, x]))
+    real_s, fake_s = scores[:n], scores[n:]
+    loss = fake_s.mean() - real_s.mean() + alpha * (real_s.pow(2).mean() + fake_s.pow(2).mean())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return x
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], None], iters: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / iters
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = _time(lambda: torch.mm(a, b), iters, 2, device)
+    return 2 * n**3 / seconds / 1e9
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.stdout) -> dict[str, float]:
+    device = resolve_device(params.runtime)
+    lcfg, tcfg, bcfg = params.langevin, params.train, params.buffer
+    batch = tcfg.batch_size
+    torch.manual_seed(0)
+    real = (torch.rand(batch, *IMAGE_SHAPE, device=device) * 2 - 1)
+    filled = torch.rand(bcfg.size, *IMAGE_SHAPE, device=device) * 2 - 1
+
+    def emit(line: str) -> None:
+        print(line, file=out, flush=True)
+
+    emit(f"device: {describe(device)}; batch {batch} x {lcfg.steps} Langevin steps; precision {lcfg.precision}")
+
+    # (1) the eager fp32 baseline
+    base_model = EnergyNet.from_config(params.model).to(device)
+    base_opt = torch.optim.Adam(base_model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+
+    def eager() -> None:
+        eager_reference_step(
+            base_model, base_opt, filled, real, lcfg.steps, lcfg.step_size, lcfg.noise, lcfg.grad_clip,
+            tcfg.alpha, bcfg.reinit_prob,
+        )
+
+    eager_s = _time(eager, iters, 1, device)
+
+    # (2) the project's trainer step
+    model = EnergyNet.from_config(params.model).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    buffer = ReplayBuffer(bcfg.size, IMAGE_SHAPE, bcfg.reinit_prob, device)
+    buffer.push(filled)
+    generator = torch.Generator(device=device).manual_seed(0)
+    score_fn = score_in_precision(model, device, lcfg.precision)
+
+    def project() -> None:
+        cd_step(model, optimizer, buffer, real, langevin_cfg=lcfg, train_cfg=tcfg, generator=generator, score_fn=score_fn)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    project_s = _time(project, iters, 1, device)
+
+    image_steps = batch * lcfg.steps
+    flops_per_step = 2 * forward_flops(model)  # forward + input-gradient backward, per image
+    langevin_flops = image_steps * flops_per_step
+    results = {
+        "eager_it_per_s": 1 / eager_s,
+        "project_it_per_s": 1 / project_s,
+        "speedup": eager_s / project_s,
+        "eager_image_steps_per_s": image_steps / eager_s,
+        "project_image_steps_per_s": image_steps / project_s,
+        "eager_gflops": langevin_flops / eager_s / 1e9,
+        "project_gflops": langevin_flops / project_s / 1e9,
+    }
+    emit(f"eager fp32 reference: {results['eager_it_per_s']:.3f} it/s ({eager_s * 1000:.1f} ms/it), "
+         f"{results['eager_image_steps_per_s']:,.0f} Langevin image-steps/s, {results['eager_gflops']:.1f} GFLOP/s")
+    emit(f"project trainer:      {results['project_it_per_s']:.3f} it/s ({project_s * 1000:.1f} ms/it), "
+         f"{results['project_image_steps_per_s']:,.0f} Langevin image-steps/s, {results['project_gflops']:.1f} GFLOP/s")
+    emit(f"speedup: {results['speedup']:.2f}x")
+
+    n = 2048 if device.type == "cpu" else 8192
+    results["matmul_fp32_gflops"] = matmul_gflops(device, torch.float32, n, 3)
+    results["matmul_bf16_gflops"] = matmul_gflops(device, torch.bfloat16, n, 3)
+    emit(f"matmul {n}x{n}: fp32 {results['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {results['matmul_bf16_gflops']:.0f} "
+         f"GFLOP/s (the practical limit); Langevin reaches {results['project_gflops']:.1f} GFLOP/s "
+         f"({100 * results['project_gflops'] / results['matmul_fp32_gflops']:.0f}% of fp32 matmul)")
+
+    gen_cfg = with_overrides(
+        params, {"generate.n_samples": gen_samples, "generate.steps": gen_steps,
+                 "generate.batch_size": min(gen_samples, params.generate.batch_size),
+                 "generate.chain_rows": min(gen_samples, params.generate.chain_rows),
+                 "generate.chain_steps": [gen_steps - 1]},
+    ).generate
+    start = time.perf_counter()
+    generate_samples(model, gen_cfg, lcfg, device, progress=False)
+    _sync(device)
+    results["generate_seconds"] = time.perf_counter() - start
+    emit(f"generate: {gen_samples} samples x {gen_steps} Langevin steps in {results['generate_seconds']:.1f} s")
+
+    results["peak_rss_mib"] = peak_rss_mib()
+    line = f"peak memory: {results['peak_rss_mib']:.0f} MiB RSS"
+    if device.type == "cuda":
+        results["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        line += f", {results['cuda_max_allocated_mib']:.0f} MiB CUDA max allocated"
+    emit(line)
+    return results
+
+
+def main(params: Params, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline bench")
+    parser.add_argument("--iters", type=int, default=10, help="timed training iterations per implementation")
+    parser.add_argument("--gen-samples", type=int, default=1000)
+    parser.add_argument("--gen-steps", type=int, default=1000)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param for this benchmark, e.g. --set langevin.precision=fp32")
+    args = parser.parse_args(argv)
+    import yaml
+
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    if overrides:
+        params = with_overrides(params, overrides)
+    run(params, args.iters, args.gen_samples, args.gen_steps)
+    return 0

@@ -1,0 +1,96 @@
+"""Shared fixtures: tiny configurations that run in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# Overrides that make the whole pipeline run in seconds: tens of images, a few Langevin steps.
+TINY = {
+    "data": {"limit": 64},
+    "langevin": {"steps": 3},
+    "buffer": {"size": 64},
+    "train": {
+        "epochs": 2,
+        "batch_size": 16,
+        "log_every": 1,
+        "sample_every": 4,
+        "checkpoint_every": 2,
+    },
+    "classifier": {"epochs": 1, "batch_size": 32, "feature_dim": 16},
+    "generate": {"n_samples": 24, "steps": 6, "batch_size": 12, "chain_rows": 3, "chain_steps": [0, 1, 5]},
+    "evaluate": {"n_noise": 24, "hist_bins": 10},
+}
+
+
+def tiny_params_dict(overrides: dict | None = None) -> dict:
+    """The repository's params.yaml with the TINY overrides (and any extra ones) applied."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for layer in (TINY, overrides or {}):
+        for section, values in layer.items():
+            raw[section].update(values)
+    return raw
+
+
+def write_params(path: Path, overrides: dict | None = None) -> Path:
+    path.write_text(yaml.safe_dump(tiny_params_dict(overrides), sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A private SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def tiny_params(tmp_path, monkeypatch, mlflow_uri):
+    """Validated tiny Params whose outputs all land under a temporary working directory."""
+    from pipeline.config import parse_params
+
+    monkeypatch.chdir(tmp_path)
+    return parse_params(tiny_params_dict())
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line]
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, timeout: int = 600):
+    """Run a command with the virtualenv's tools first on PATH; show its output when it fails."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture
+def repo_copy(tmp_path, mlflow_uri) -> Path:
+    """A fresh git + DVC repository holding the project's tracked files and a tiny params.yaml."""
+    dest = tmp_path / "repo"
+    for rel in tracked_files():
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    write_params(dest / "params.yaml")
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
+    return dest

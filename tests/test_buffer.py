@@ -1,0 +1,52 @@
+import torch
+
+from pipeline.buffer import ReplayBuffer
+
+
+def test_fresh_noise_share_is_binomial():
+    buf = ReplayBuffer(256, (1, 4, 4), reinit_prob=0.05)
+    buf.push(torch.full((256, 1, 4, 4), 5.0))  # impossible pixel value marks stored images
+    g = torch.Generator().manual_seed(0)
+    fresh = 0
+    draws, n = 200, 128
+    for _ in range(draws):
+        x = buf.sample(n, g)
+        fresh += int((x[:, 0, 0, 0] != 5.0).sum())
+    share = fresh / (draws * n)
+    # Binomial(25,600, 0.05): sd of the share is 0.0014
+    assert abs(share - 0.05) < 0.006
+
+
+def test_fresh_draws_are_uniform_noise_in_range():
+    buf = ReplayBuffer(16, (1, 8, 8), reinit_prob=1.0)
+    buf.push(torch.full((16, 1, 8, 8), 5.0))
+    x = buf.sample(64, torch.Generator().manual_seed(0))
+    assert x.min() >= -1 and x.max() <= 1
+    assert abs(x.mean().item()) < 0.05
+
+
+def test_empty_buffer_gives_noise():
+    buf = ReplayBuffer(16, (1, 2, 2), reinit_prob=0.0)
+    x = buf.sample(8)
+    assert x.shape == (8, 1, 2, 2) and x.min() >= -1 and x.max() <= 1
+
+
+def test_capacity_and_fifo_overwrite():
+    buf = ReplayBuffer(10, (1, 1, 1), reinit_prob=0.0)
+    for value in range(4):  # 4 pushes of 4 = 16 images into 10 slots
+        buf.push(torch.full((4, 1, 1, 1), float(value)))
+    assert len(buf) == 10
+    stored = sorted(buf.images().flatten().tolist())
+    # The 10 newest survive: 2 of batch 1, all of batches 2 and 3, and all 4 of batch 0 are gone.
+    assert stored == [1.0] * 2 + [2.0] * 4 + [3.0] * 4
+    buf.push(torch.full((25, 1, 1, 1), 9.0))  # a push larger than the buffer keeps the newest
+    assert len(buf) == 10 and (buf.images() == 9.0).all()
+
+
+def test_state_dict_round_trip():
+    buf = ReplayBuffer(8, (1, 2, 2), reinit_prob=0.3)
+    buf.push(torch.rand(5, 1, 2, 2))
+    other = ReplayBuffer(8, (1, 2, 2), reinit_prob=0.3)
+    other.load_state_dict(buf.state_dict())
+    assert len(other) == 5 and other.ptr == buf.ptr
+    assert torch.equal(other.storage, buf.storage)

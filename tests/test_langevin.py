@@ -1,0 +1,76 @@
+import math
+
+import torch
+
+from pipeline.langevin import langevin, score_in_precision
+from pipeline.model import EnergyNet, frozen
+
+
+def _fixed_net() -> EnergyNet:
+    torch.manual_seed(0)
+    return EnergyNet().eval()
+
+
+def test_sampler_raises_the_score_and_respects_the_clamp():
+    model = _fixed_net()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand(32, 1, 32, 32, generator=g) * 2 - 1
+    with frozen(model):
+        x, _ = langevin(model, x0, steps=20, step_size=10.0, noise=0.005, grad_clip=0.03, generator=g)
+    with torch.no_grad():
+        before, after = model(x0).mean().item(), model(x).mean().item()
+    assert after > before
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gradient_clip_bounds_each_move():
+    """Without noise, one step moves every pixel by at most step_size * grad_clip."""
+    model = _fixed_net()
+    x0 = torch.zeros(8, 1, 32, 32)
+    step_size, clip = 10.0, 0.003
+    x, _ = langevin(model, x0, steps=1, step_size=step_size, noise=0.0, grad_clip=clip)
+    moved = (x - x0).abs().max().item()
+    assert moved <= step_size * clip + 1e-6
+    assert moved > 0  # and the step did move the image
+
+
+def test_clamp_holds_with_huge_steps():
+    model = _fixed_net()
+    x0 = torch.rand(4, 1, 32, 32) * 2 - 1
+    x, _ = langevin(model, x0, steps=3, step_size=1e6, noise=0.5, grad_clip=0.0)
+    assert x.min().item() >= -1.0 and x.max().item() <= 1.0
+
+
+def test_quadratic_energy_reaches_target_mean_and_variance():
+    """E(x) = (x - mu)^2 / (2 sigma^2) is N(mu, sigma^2); Langevin with step eps and noise sqrt(2 eps) samples it."""
+    mu, sigma = 0.3, 0.2
+    eps = 1e-3
+
+    def score(x):
+        return -((x - mu) ** 2).sum(dim=(1, 2, 3)) / (2 * sigma**2)
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4000, 1, 1, 1, generator=g) * 2.0
+    x, _ = langevin(score, x0, steps=600, step_size=eps, noise=math.sqrt(2 * eps), grad_clip=0.0, generator=g, clamp=None)
+    # The discretisation bias of the variance is O(eps / sigma^2) = 2.5%; allow for it and for sampling error.
+    assert abs(x.mean().item() - mu) < 0.02
+    assert abs(x.var().item() / sigma**2 - 1) < 0.08
+
+
+def test_records_requested_steps_on_cpu():
+    model = _fixed_net()
+    x0 = torch.rand(3, 1, 32, 32) * 2 - 1
+    x, snaps = langevin(model, x0, steps=5, step_size=1.0, noise=0.01, grad_clip=0.03, record_at=[0, 2, 4])
+    assert sorted(snaps) == [0, 2, 4]
+    assert torch.equal(snaps[4], x)
+    assert snaps[0].device.type == "cpu"
+
+
+def test_bf16_score_is_float32_and_close():
+    model = _fixed_net()
+    x = torch.rand(4, 1, 32, 32) * 2 - 1
+    fp32 = score_in_precision(model, torch.device("cpu"), "fp32")(x)
+    bf16 = score_in_precision(model, torch.device("cpu"), "bf16")(x)
+    assert bf16.dtype == torch.float32
+    assert torch.allclose(fp32, bf16, atol=0.05)

@@ -1,0 +1,80 @@
+"""End to end: `dvc repro` of the whole pipeline on a tiny config, in a fresh copy of the repository."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    """One tiny `dvc repro` shared by the tests below."""
+    import os
+    import shutil
+
+    from tests.conftest import ROOT, tracked_files, write_params
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    dest = tmp / "repo"
+    for rel in tracked_files():
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    write_params(dest / "params.yaml")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@e.com", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@e.com", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
+    first = run(["dvc", "repro"], dest, env=env)
+    assert os.environ.get("MLFLOW_TRACKING_URI") != env["MLFLOW_TRACKING_URI"]
+    return dest, env, first
+
+
+def test_repro_leaves_samples_figures_and_metrics(repro):
+    dest, _, first = repro
+    for stage in ("prepare", "train_classifier", "train", "generate", "evaluate"):
+        assert f"Running stage '{stage}'" in first.stdout
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    samples = np.load(dest / "samples" / "samples.npy")
+    assert samples.dtype == np.float32
+    assert samples.shape == (params["generate"]["n_samples"], 1, 32, 32)
+    assert samples.min() >= -1 and samples.max() <= 1
+    for figure in ("samples/samples.png", "samples/chain.png", "plots/energy_hist.png", "plots/train_curves.png"):
+        assert (dest / figure).stat().st_size > 1000, figure
+    metrics = json.loads((dest / "metrics" / "evaluate.json").read_text())
+    for key in (
+        "score_real", "score_noise", "score_samples", "score_gap_real_noise", "auc_real_vs_noise",
+        "fid", "fid_real_floor", "confident_share", "coverage_entropy",
+    ):
+        assert np.isfinite(metrics[key]), key
+    assert 0 <= metrics["auc_real_vs_noise"] <= 1 and 0 <= metrics["coverage_entropy"] <= 1
+    summary = json.loads((dest / "data" / "prepared" / "summary.json").read_text())
+    assert summary["splits"]["train"]["count"] == params["data"]["limit"]
+    rows = (dest / "plots" / "train.csv").read_text().strip().splitlines()
+    steps = params["train"]["epochs"] * (params["data"]["limit"] // params["train"]["batch_size"])
+    assert len(rows) == 1 + steps // params["train"]["log_every"]
+    shown = run(["dvc", "metrics", "show", "--json"], dest).stdout
+    assert "auc_real_vs_noise" in shown
+
+
+def test_second_repro_does_nothing(repro):
+    dest, env, _ = repro
+    again = run(["dvc", "repro"], dest, env=env)
+    assert "Running stage" not in again.stdout
+    assert "up to date" in again.stdout.lower()
+
+
+def test_evaluate_param_reruns_only_evaluate(repro):
+    dest, env, _ = repro
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["evaluate"]["n_noise"] += 6
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], dest, env=env).stdout
+    assert "Running stage 'evaluate'" in out
+    for stage in ("prepare", "train_classifier", "train", "generate"):
+        assert f"Running stage '{stage}'" not in out

@@ -1,0 +1,188 @@
+"""Training survives kills, signals and divergence; bad checkpoints fail clearly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, MODEL_FORMAT, atomic_save, safe_load
+from pipeline.config import parse_params
+from pipeline.train import Trainer, TrainingDiverged, cd_step
+from pipeline.tracking import NullTracker
+from tests.conftest import tiny_params_dict, write_params
+
+# Long enough (about 60 steps) to be killed in the middle, still a few seconds in all.
+SLOW = {
+    "data": {"limit": 128},
+    "langevin": {"steps": 10},
+    "train": {"epochs": 8, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "sample_every": 0},
+    "tracking": {"enabled": False},
+}
+
+
+def _stage(cmd: str, cwd: Path, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", cmd, "--no-progress"],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+    )
+
+
+def _run_stage(cmd: str, cwd: Path) -> None:
+    proc = _stage(cmd, cwd)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _weights(cwd: Path) -> dict[str, torch.Tensor]:
+    return safe_load(cwd / "models" / "ebm.pt", MODEL_FORMAT)["model"]
+
+
+def _checkpoint_step(cwd: Path) -> int:
+    path = cwd / "models" / "checkpoints" / "last.pt"
+    if not path.is_file():
+        return -1
+    try:
+        return int(safe_load(path, CHECKPOINT_FORMAT)["step"])
+    except CheckpointError:
+        return -1
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted training run of the SLOW config, and a prepared-data folder to copy."""
+    root = tmp_path_factory.mktemp("reference")
+    write_params(root / "params.yaml", SLOW)
+    _run_stage("prepare", root)
+    _run_stage("train", root)
+    return root, _weights(root)
+
+
+def _fresh_copy(reference_root: Path, dest: Path) -> Path:
+    dest.mkdir()
+    write_params(dest / "params.yaml", SLOW)
+    (dest / "data" / "prepared").mkdir(parents=True)
+    for f in (reference_root / "data" / "prepared").iterdir():
+        (dest / "data" / "prepared" / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def _interrupt_midway(cwd: Path, sig: int, at_least: int = 7) -> subprocess.Popen:
+    proc = _stage("train", cwd)
+    deadline = time.time() + 120
+    while _checkpoint_step(cwd) < at_least:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc
+
+
+def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
+    root, expected = reference
+    cwd = _fresh_copy(root, tmp_path / "killed")
+    proc = _interrupt_midway(cwd, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    step = _checkpoint_step(cwd)
+    total = 8 * (128 // 16)
+    assert 0 < step < total, step  # killed in the middle, with a checkpoint to resume from
+    assert not (cwd / "models" / "ebm.pt").exists()
+    _run_stage("train", cwd)  # what `dvc repro` runs again
+    assert _max_diff(_weights(cwd), expected) <= 1e-6
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_then_resume_completes(reference, tmp_path, sig):
+    root, expected = reference
+    cwd = _fresh_copy(root, tmp_path / "signalled")
+    proc = _interrupt_midway(cwd, sig, at_least=4)
+    assert proc.returncode == 128 + sig, proc.stderr.read()
+    assert "checkpoint saved" in proc.stderr.read()
+    step = _checkpoint_step(cwd)
+    assert step >= 4
+    _run_stage("train", cwd)
+    assert _max_diff(_weights(cwd), expected) <= 1e-6
+
+
+def _trainer(tmp_path, step_fn=cd_step, **train):
+    raw = tiny_params_dict({"train": {"epochs": 3, "checkpoint_every": 2, **train}, "tracking": {"enabled": False}})
+    params = parse_params(raw)
+    images = torch.rand(48, 1, 32, 32) * 2 - 1
+    return Trainer(
+        params, images, torch.device("cpu"), NullTracker(), tmp_path / "ckpt.pt", progress=False, step_fn=step_fn
+    )
+
+
+def test_injected_nan_rolls_back_and_lowers_the_lr(tmp_path, capsys):
+    poisoned = {"done": False}
+
+    def step_fn(model, optimizer, *args, **kwargs):
+        stats = cd_step(model, optimizer, *args, **kwargs)
+        if trainer.step == 5 and not poisoned["done"]:
+            poisoned["done"] = True
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))  # what an exploding update leaves behind
+            stats["loss"] = torch.tensor(float("nan"))
+        return stats
+
+    trainer = _trainer(tmp_path, step_fn=step_fn)
+    result = trainer.fit()
+    assert poisoned["done"]
+    assert result.rollbacks == 1
+    assert result.steps == trainer.total_steps
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert "rolled back to step 4" in capsys.readouterr().err
+
+
+def test_score_explosion_beyond_max_rollbacks_stops_with_a_clear_error(tmp_path):
+    def exploding(model, optimizer, *args, **kwargs):
+        stats = cd_step(model, optimizer, *args, **kwargs)
+        stats["max_abs_score"] = torch.tensor(1e9)
+        return stats
+
+    trainer = _trainer(tmp_path, step_fn=exploding, max_rollbacks=2)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 0 .*max \|score\|=1e\+09.* after 2 rollbacks"):
+        trainer.fit()
+
+
+def test_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.save_checkpoint()
+    path = tmp_path / "ckpt.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot be loaded"):
+        trainer.try_resume()
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(CheckpointError, match="not a ebm-train-checkpoint"):
+        trainer.try_resume()
+    path.write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError):
+        safe_load(path, CHECKPOINT_FORMAT)
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
+    first = _trainer(tmp_path)
+    first.step = 3
+    first.save_checkpoint()
+    other = _trainer(tmp_path, alpha=0.3)
+    assert not other.try_resume() and other.step == 0
+    same = _trainer(tmp_path)
+    assert same.try_resume() and same.step == 3
+
+
+def test_atomic_save_leaves_no_temporary_files(tmp_path):
+    atomic_save({"format": "x", "v": torch.ones(3)}, tmp_path / "a.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
