@@ -135,7 +135,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     buffer = ReplayBuffer(bcfg.size, IMAGE_SHAPE, bcfg.reinit_prob, device)
     buffer.push(filled)
     generator = torch.Generator(device=device).manual_seed(0)
-    score_fn = score_in_precision(model, device, lcfg.precision)
+    score_fn = score_in_precision(model, lcfg.precision)
 
     def project() -> None:
         cd_step(model, optimizer, buffer, real, langevin_cfg=lcfg, train_cfg=tcfg, generator=generator, score_fn=score_fn)

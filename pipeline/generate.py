@@ -25,7 +25,7 @@ def generate_samples(
     ``cfg.chain_rows`` chains at ``cfg.chain_steps`` (0-based, after that step).
     """
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    score_fn = score_in_precision(model, device, langevin_cfg.precision)
+    score_fn = score_in_precision(model, langevin_cfg.precision)
     model.eval()
     batches = [(i, min(cfg.batch_size, cfg.n_samples - i)) for i in range(0, cfg.n_samples, cfg.batch_size)]
     bar = tqdm(total=len(batches) * cfg.steps, desc="generate", unit="step", disable=not progress, leave=False)

@@ -61,6 +61,9 @@ def cd_step(
     score_fn = score_fn or model
     real = (real + train_cfg.real_noise * torch.randn(real.shape, generator=generator, device=real.device)).clamp(-1, 1)
     x0 = buffer.sample(n, generator)  # (n, 1, 32, 32)
+    sync = getattr(score_fn, "sync", None)
+    if sync is not None:
+        sync()  # a low-precision copy of the weights follows the last optimizer step
     with frozen(model):  # important: Langevin must not touch the weights' gradients
         fake, _ = langevin(
             score_fn,
@@ -141,7 +144,7 @@ class Trainer:
         )
         self.buffer = ReplayBuffer(params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob, device)
         self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
-        self.score_fn = score_in_precision(self.model, device, params.langevin.precision)
+        self.score_fn = score_in_precision(self.model, params.langevin.precision)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.rollbacks = 0

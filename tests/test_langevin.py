@@ -70,7 +70,16 @@ def test_records_requested_steps_on_cpu():
 def test_bf16_score_is_float32_and_close():
     model = _fixed_net()
     x = torch.rand(4, 1, 32, 32) * 2 - 1
-    fp32 = score_in_precision(model, torch.device("cpu"), "fp32")(x)
-    bf16 = score_in_precision(model, torch.device("cpu"), "bf16")(x)
+    fp32 = score_in_precision(model, "fp32")(x)
+    bf16_score = score_in_precision(model, "bf16")
+    bf16 = bf16_score(x)
     assert bf16.dtype == torch.float32
     assert torch.allclose(fp32, bf16, atol=0.05)
+    with torch.no_grad():  # the copy follows the weights only when synced
+        model.head[2].bias.add_(1.0)
+    assert torch.allclose(bf16_score(x), bf16)
+    bf16_score.sync()
+    assert torch.allclose(bf16_score(x), bf16 + 1.0, atol=0.05)
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(bf16_score(x).sum(), x)
+    assert grad.dtype == torch.float32
