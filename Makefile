@@ -27,8 +27,37 @@ run: setup
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
+# The pipeline's default store (pipeline/tracking.py): mlflow.db at the repository root, artifacts
+# beside it in mlartifacts/. Experiments created from the UI get the same artifact root.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
+		--default-artifact-root "file://$(CURDIR)/mlartifacts" \
+		--artifacts-destination "file://$(CURDIR)/mlartifacts" \
+		--host 127.0.0.1 --port 5000
+
+# A local Prefect server (UI and API on http://127.0.0.1:4200; PREFECT_PORT picks another port),
+# started in the background unless one already answers there, and the nightly deployment of
+# prefect.yaml served against it until Ctrl-C. The server runs in its own session, so that it
+# outlives the runner's shutdown (which pauses the schedule through it); then it is stopped too.
+serve: setup
+	@port="$${PREFECT_PORT:-4200}"; api="http://127.0.0.1:$$port/api"; \
+	export PREFECT_API_URL="$$api" PATH="$(CURDIR)/$(BIN):$$PATH"; \
+	healthy() { $(BIN)/python -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "$$api/health" 2>/dev/null; }; \
+	if ! healthy; then \
+		log="$${PREFECT_HOME:-$$HOME/.prefect}/server-$$port.log"; mkdir -p "$$(dirname "$$log")"; \
+		echo "serve: starting a Prefect server on http://127.0.0.1:$$port (log: $$log)"; \
+		$(BIN)/python -c 'import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])' \
+			$(BIN)/prefect server start --host 127.0.0.1 --port "$$port" >"$$log" 2>&1 & server=$$!; \
+		trap 'kill $$server 2>/dev/null || true' EXIT; trap 'exit 130' INT TERM; \
+		for i in $$(seq 120); do \
+			healthy && break; \
+			kill -0 $$server 2>/dev/null || { echo "serve: the Prefect server exited:"; tail -n 20 "$$log"; exit 1; }; \
+			sleep 1; \
+		done; \
+		healthy || { echo "serve: no answer from $$api/health after 120 s"; exit 1; }; \
+	fi; \
+	echo "serve: Prefect UI on http://127.0.0.1:$$port"; \
+	$(BIN)/python -m pipeline flow --serve
 
 bench: setup
 	$(BIN)/python -m pipeline bench

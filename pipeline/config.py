@@ -145,8 +145,10 @@ class TrainConfig:
         for name in ("alpha", "real_noise", "weight_grad_clip"):
             if getattr(self, name) < 0:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "a number >= 0")
-        if self.sample_every < 0:
-            raise _allowed(f"{section}.sample_every", self.sample_every, "an integer >= 0 (0 = off)")
+        if self.sample_every < 0 or (self.sample_every and self.sample_every % self.log_every):
+            raise _allowed(
+                f"{section}.sample_every", self.sample_every, f"0 (off) or a multiple of train.log_every ({self.log_every})"
+            )
         if self.max_score <= 0:
             raise _allowed(f"{section}.max_score", self.max_score, "a number > 0")
         if not 0.0 < self.rollback_lr_factor < 1.0:

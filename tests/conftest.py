@@ -80,17 +80,23 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, 
     return proc
 
 
-@pytest.fixture
-def repo_copy(tmp_path, mlflow_uri) -> Path:
-    """A fresh git + DVC repository holding the project's tracked files and a tiny params.yaml."""
-    dest = tmp_path / "repo"
+GIT = ["git", "-c", "user.email=tests@example.com", "-c", "user.name=tests"]
+
+
+def make_repo(dest: Path, overrides: dict | None = None) -> Path:
+    """A fresh git + DVC repository at ``dest`` holding the project's tracked files and a tiny params.yaml."""
     for rel in tracked_files():
         src = ROOT / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    write_params(dest / "params.yaml")
+    write_params(dest / "params.yaml", overrides)
     run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
+    run([*GIT, "add", "-A"], dest)
+    run([*GIT, "commit", "-qm", "tiny"], dest)
     return dest
+
+
+@pytest.fixture
+def repo_copy(tmp_path, mlflow_uri) -> Path:
+    return make_repo(tmp_path / "repo")

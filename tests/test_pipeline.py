@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import run
+from tests.conftest import make_repo, run
 
 pytestmark = pytest.mark.slow
 
@@ -14,24 +14,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def repro(tmp_path_factory):
     """One tiny `dvc repro` shared by the tests below."""
-    import os
-    import shutil
-
-    from tests.conftest import ROOT, tracked_files, write_params
-
     tmp = tmp_path_factory.mktemp("pipeline")
-    dest = tmp / "repo"
-    for rel in tracked_files():
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    write_params(dest / "params.yaml")
+    dest = make_repo(tmp / "repo")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@e.com", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@e.com", "-c", "user.name=t", "commit", "-qm", "tiny"], dest)
     first = run(["dvc", "repro"], dest, env=env)
-    assert os.environ.get("MLFLOW_TRACKING_URI") != env["MLFLOW_TRACKING_URI"]
     return dest, env, first
 
 

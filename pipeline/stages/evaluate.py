@@ -18,6 +18,8 @@ from pipeline.stages.common import file_md5, load_classifier, load_energy_model,
 
 
 def run(params: Params) -> dict:
+    # Reopened first: a store or run that cannot be used stops the stage before any scoring.
+    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     device = resolve_device(params.runtime)
     model, _ = load_energy_model(params.paths.model, device)
     classifier = load_classifier(params.paths.classifier, device)
@@ -54,11 +56,10 @@ def run(params: Params) -> dict:
     plots.mkdir(parents=True, exist_ok=True)
     save_histograms(scores, plots / "energy_hist.png", bins=params.evaluate.hist_bins)
 
-    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info))
-    tracker.log_metrics({f"evaluate.{k}": float(v) for k, v in metrics.items()})
+    tracker.log_metrics_file(metrics_path)  # evaluate.<key>
+    tracker.log_metrics_file(Path(params.paths.metrics_dir) / "classifier.json")  # classifier.<key>: FID's features
     tracker.set_tags({"dvc.model_md5": file_md5(params.paths.model)})
     tracker.log_artifact(plots / "energy_hist.png", "figures")
-    tracker.log_artifact(metrics_path, "metrics")
     tracker.close("FINISHED")
     print("evaluate: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
     return metrics

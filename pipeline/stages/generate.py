@@ -16,6 +16,8 @@ from pipeline.stages.common import load_energy_model, write_json
 
 
 def run(params: Params, progress: bool = True) -> dict:
+    # Reopened first: a store or run that cannot be used stops the stage before any sampling.
+    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     device = resolve_device(params.runtime)
     model, _ = load_energy_model(params.paths.model, device)
     start = time.perf_counter()
@@ -29,8 +31,7 @@ def run(params: Params, progress: bool = True) -> dict:
     metrics = {"generate_seconds": round(seconds, 2), "n_samples": len(samples), "steps": params.generate.steps}
     write_json(metrics, Path(params.paths.metrics_dir) / "generate.json")
 
-    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info))
-    tracker.log_metrics({f"generate.{k}": float(v) for k, v in metrics.items()})
+    tracker.log_metrics_file(Path(params.paths.metrics_dir) / "generate.json")  # generate.<key>
     tracker.log_artifact(out / "samples.png", "figures")
     tracker.log_artifact(out / "chain.png", "figures")
     tracker.close("FINISHED")

@@ -32,7 +32,7 @@ def run(params: Params, progress: bool = True) -> dict:
     resumed = trainer.try_resume()
     run_id = Trainer.checkpoint_run_id(checkpoint) if resumed else None
     if run_id:
-        tracker = tracking.resume_run(params.tracking, run_id)
+        tracker = tracking.resume_run(params.tracking, run_id, params.flat())
     else:
         tracker = tracking.start_run(params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
     trainer.tracker = tracker
@@ -104,10 +104,9 @@ def run(params: Params, progress: bool = True) -> dict:
     (plots / "train.csv").write_text("\n".join(lines) + "\n")
     save_curves(result.history, plots / "train_curves.png")
 
-    tracker.log_metrics({f"train.{k}": float(v) for k, v in metrics.items()}, step=result.steps)
+    tracker.log_metrics_file(Path(params.paths.metrics_dir) / "train.json", step=result.steps)  # train.<key>
     tracker.set_tags({"dvc.model_md5": file_md5(model_path)})
     tracker.log_artifact(plots / "train_curves.png", "figures")
-    tracker.log_artifact(Path(params.paths.metrics_dir) / "train.json", "metrics")
     if params.tracking.log_model:
         cpu_model = EnergyNet.from_config(params.model)
         cpu_model.load_state_dict({k: v.detach().cpu() for k, v in result.model.state_dict().items()})

@@ -1,0 +1,34 @@
+"""Two queued experiments run in parallel and both land in the same SQLite MLflow store."""
+
+import time
+
+import pytest
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_queued_experiments_share_one_sqlite_store(repo_copy, mlflow_uri):
+    import mlflow
+
+    for alpha in ("0.2", "0.3"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"train.alpha={alpha}"], repo_copy)
+    run(["dvc", "queue", "start", "-j", "2"], repo_copy)
+    deadline = time.time() + 420
+    while True:
+        status = run(["dvc", "queue", "status"], repo_copy).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        assert time.time() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status + run(["dvc", "queue", "logs", "--help"], repo_copy).stdout
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 2, runs
+    assert sorted(runs["params.train.alpha"]) == ["0.2", "0.3"]
+    assert set(runs["status"]) == {"FINISHED"}
+    assert runs["metrics.evaluate.fid"].notna().all()  # generate/evaluate reached the same runs
+    shown = run(["dvc", "exp", "show", "--json"], repo_copy).stdout
+    assert shown.count("auc_real_vs_noise") >= 2

@@ -1,0 +1,441 @@
+"""Issue 3: experiment tracking (MLflow) and versioning (DVC), on the tiny configuration.
+
+One module-scoped repository copy pays for the expensive part once: `dvc repro` with the
+default store (mlflow.db and mlartifacts/ at the repository root), a baseline commit, then
+`dvc exp run -S train.alpha=0.2` and `dvc exp run -S buffer.size=4096` from that baseline.
+Every assertion on runs, metrics, artifacts, experiments and the DVC remote reads from it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import tracking
+from tests.conftest import GIT, ROOT, make_repo, run, write_params
+EXPERIMENT = "ebm-mnist"
+STEP_METRICS = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
+CACHED_OUTS = (
+    "data/prepared/train.pt",
+    "data/prepared/test.pt",
+    "models/ebm.pt",
+    "models/classifier.pt",
+    "samples/samples.npy",
+)
+EXPERIMENTS = {"alpha": ("train.alpha", "0.2"), "bufsize": ("buffer.size", "4096")}
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def lock_md5(lock: dict, path: str) -> str:
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            if out["path"] == path:
+                return out["md5"]
+    raise KeyError(path)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(flatten(v, f"{key}.") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def numeric_leaves(d: dict, prefix: str) -> dict[str, float]:
+    flat = flatten(d, f"{prefix}.")
+    return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def same_param(logged: str, value) -> bool:
+    """MLflow holds params as strings: lists as JSON, everything else as str()."""
+    if isinstance(value, list):
+        return json.loads(logged) == value
+    if isinstance(value, bool) or isinstance(value, str):
+        return logged == str(value)
+    return float(logged) == float(value)
+
+
+@dataclass
+class Repo:
+    path: Path
+    uri: str
+    branch: str
+    baseline_rev: str
+    baseline_lock: dict
+    runs_after_repro: list
+    exps: dict = field(default_factory=dict)  # key -> {"name", "rev", "run_id", "model_md5"}
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def run_id_at(self, rev: str) -> str:
+        proc = run(["git", "show", f"{rev}:models/run.json"], self.path)
+        return json.loads(proc.stdout)["run_id"]
+
+    @property
+    def baseline_run_id(self) -> str:
+        return self.run_id_at(self.baseline_rev)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Repo:
+    """`dvc repro` in a fresh git + DVC copy, with the default store, committed as the baseline."""
+    mp = pytest.MonkeyPatch()
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        mp.delenv(var, raising=False)
+    dest = make_repo(tmp_path_factory.mktemp("tracking") / "repo")
+    run(["dvc", "repro"], dest)
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{dest / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    runs = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+    run([*GIT, "add", "-A"], dest)
+    run([*GIT, "commit", "-qm", "baseline"], dest)
+    rev = run(["git", "rev-parse", "HEAD"], dest).stdout.strip()
+    branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], dest).stdout.strip()
+    lock = yaml.safe_load((dest / "dvc.lock").read_text())
+    yield Repo(dest, uri, branch, rev, lock, runs)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def exp_repo(repo) -> Repo:
+    """Two `dvc exp run -S` from the baseline; between them, `git checkout` + `dvc checkout` restore it."""
+    for key, (param, value) in EXPERIMENTS.items():
+        # Back to the baseline commit: git restores params.yaml, dvc.lock and the small outputs,
+        # dvc checkout the model and data from the cache. (A no-op before the first experiment.)
+        run(["git", "checkout", "-q", "-f", repo.branch], repo.path)
+        run(["dvc", "checkout", "-q"], repo.path)
+        assert md5(repo.path / "models/ebm.pt") == lock_md5(repo.baseline_lock, "models/ebm.pt")
+        run(["dvc", "exp", "run", "-q", "-n", key, "-S", f"{param}={value}"], repo.path)
+        rev = run(["git", "rev-parse", f"refs/exps/{repo.baseline_rev[:2]}/{repo.baseline_rev[2:]}/{key}"], repo.path)
+        rev = rev.stdout.strip()
+        model_md5 = md5(repo.path / "models/ebm.pt")
+        repo.exps[key] = {"name": key, "rev": rev, "run_id": repo.run_id_at(rev), "model_md5": model_md5}
+    return repo
+
+
+# ------------------------------------------------------------------ one pipeline run, one MLflow run
+
+
+@pytest.mark.slow
+def test_default_store_at_repo_root_ignored_and_not_a_dvc_output(repo):
+    assert (repo.path / "mlflow.db").is_file()
+    exp = repo.client().get_experiment_by_name(EXPERIMENT)
+    assert exp.artifact_location == (repo.path.resolve() / "mlartifacts" / EXPERIMENT).as_uri()
+    run_dir = repo.path / "mlartifacts" / EXPERIMENT / repo.baseline_run_id / "artifacts"
+    assert (run_dir / "metrics" / "evaluate.json").is_file()
+    assert not (repo.path / "mlruns").exists()
+    # git-ignored: the baseline commit (git add -A after the repro) holds neither
+    committed = run(["git", "ls-files"], repo.path).stdout.split()
+    assert not any(p == "mlflow.db" or p.startswith(("mlartifacts/", "mlruns/")) for p in committed)
+    run(["git", "check-ignore", "mlflow.db", "mlartifacts/x"], repo.path)  # exits 1 if either is not ignored
+    # never DVC outputs
+    lock_paths = {out["path"] for stage in repo.baseline_lock["stages"].values() for out in stage.get("outs", [])}
+    assert not any(p.startswith(("mlflow", "mlartifacts", "mlruns")) for p in lock_paths)
+    # the small uncached outputs are committed, so dvc exp show / metrics diff can read them
+    for path in ("metrics/train.json", "metrics/evaluate.json", "models/run.json", "plots/train.csv"):
+        assert path in committed
+
+
+@pytest.mark.slow
+def test_one_run_with_every_param_and_the_tags(repo):
+    assert repo.runs_after_repro == [repo.baseline_run_id]  # one repro, one run, in the store
+    r = repo.client().get_run(repo.baseline_run_id)
+    assert r.info.status == "FINISHED"
+
+    params = flatten(yaml.safe_load((repo.path / "params.yaml").read_text()))
+    assert set(r.data.params) == set(params)
+    for key in ("langevin.step_size", "train.alpha", "buffer.size", "buffer.reinit_prob", "model.channels"):
+        assert key in r.data.params
+    bad = {k: (r.data.params[k], v) for k, v in params.items() if not same_param(r.data.params[k], v)}
+    assert not bad
+
+    tags = r.data.tags
+    head = run(["git", "rev-parse", "HEAD~1"], repo.path).stdout.strip()  # the commit the repro ran on
+    assert tags["git.commit"] == head
+    assert tags["git.dirty"] == "false"
+    assert tags["dvc.data_md5.train"] == lock_md5(repo.baseline_lock, "data/prepared/train.pt")
+    assert tags["dvc.data_md5.test"] == lock_md5(repo.baseline_lock, "data/prepared/test.pt")
+    assert tags["dvc.model_md5"] == lock_md5(repo.baseline_lock, "models/ebm.pt")
+    assert tags["device"].startswith("cpu")
+    import torch
+
+    assert tags["torch"] == torch.__version__
+
+
+@pytest.mark.slow
+def test_loss_history_has_one_point_per_logged_step(repo):
+    with open(repo.path / "plots/train.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    steps = [int(float(row["step"])) for row in rows]
+    every = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]["log_every"]
+    n = json.loads((repo.path / "metrics/train.json").read_text())["steps"]
+    assert steps == [s for s in range(1, n + 1) if s % every == 0 or s == n]
+    client = repo.client()
+    for key in STEP_METRICS:
+        history = sorted(client.get_metric_history(repo.baseline_run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == steps, key
+        for m, row in zip(history, rows):
+            assert m.value == pytest.approx(float(row[key]), rel=1e-5, abs=1e-9), (key, m.step)
+
+
+@pytest.mark.slow
+def test_run_holds_stage_metrics_artifacts_and_model(repo):
+    client = repo.client()
+    run_id = repo.baseline_run_id
+    metrics = client.get_run(run_id).data.metrics
+    for stem in ("train", "generate", "evaluate"):
+        expected = numeric_leaves(json.loads((repo.path / f"metrics/{stem}.json").read_text()), stem)
+        assert expected and {k: metrics[k] for k in expected} == expected
+
+    def walk(path=None):
+        for f in client.list_artifacts(run_id, path):
+            yield from walk(f.path) if f.is_dir else [f.path]
+
+    artifacts = set(walk())
+    cfg = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]
+    n_steps = json.loads((repo.path / "metrics/train.json").read_text())["steps"]
+    grids = {
+        f"buffer/buffer_step{s:06d}.png"
+        for s in range(cfg["sample_every"], n_steps + 1, cfg["sample_every"])
+        if s % cfg["log_every"] == 0
+    }
+    assert grids  # the tiny config logs at least one buffer grid
+    expected = grids | {
+        "figures/samples.png",  # the final sample grid
+        "figures/chain.png",
+        "figures/energy_hist.png",
+        "figures/train_curves.png",
+        "metrics/train.json",
+        "metrics/generate.json",
+        "metrics/evaluate.json",
+    }
+    assert expected <= artifacts, expected - artifacts
+    local = Path(client.download_artifacts(run_id, "metrics/evaluate.json"))
+    assert local.read_bytes() == (repo.path / "metrics/evaluate.json").read_bytes()
+
+    # the energy network as an MLflow model with a signature and explicit requirements
+    import mlflow
+    import mlflow.pytorch
+    import torch
+
+    from pipeline.stages.common import load_energy_model
+
+    with tracking.using_uri(repo.uri):
+        models = mlflow.search_logged_models(
+            experiment_ids=[client.get_run(run_id).info.experiment_id],
+            filter_string=f"source_run_id = '{run_id}'",
+            output_format="list",
+        )
+        assert [m.name for m in models] == [tracking.MODEL_NAME]
+        uri = f"models:/{models[0].model_id}"
+        info = mlflow.models.get_model_info(uri)
+        assert info.signature is not None and info.signature.inputs is not None
+        reqs = mlflow.artifacts.download_artifacts(f"{models[0].artifact_location}/requirements.txt")
+        reqs = Path(reqs).read_text().split()
+        assert f"torch=={torch.__version__.split('+')[0]}" in reqs
+        logged = mlflow.pytorch.load_model(uri)  # a torch.export graph: needs no pipeline code
+    mine, _ = load_energy_model(repo.path / "models/ebm.pt", torch.device("cpu"))
+    x = torch.rand(5, 1, 32, 32) * 2 - 1  # another batch size than the input example's
+    with torch.no_grad():
+        assert torch.allclose(logged(x), mine(x), rtol=1e-5, atol=1e-6)
+    assert os.environ.get("MLFLOW_TRACKING_URI") is None  # using_uri put the process back
+
+
+# ------------------------------------------------------------------ DVC experiments
+
+
+@pytest.mark.slow
+def test_experiments_are_runs_that_differ_in_exactly_the_set_param(exp_repo):
+    import mlflow
+
+    with tracking.using_uri(exp_repo.uri):
+        df = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    run_ids = {exp["run_id"] for exp in exp_repo.exps.values()} | {exp_repo.baseline_run_id}
+    assert set(df["run_id"]) == run_ids and len(df) == 3  # one run per training, nothing else
+    client = exp_repo.client()
+    base = client.get_run(exp_repo.baseline_run_id).data.params
+    for key, (param, value) in EXPERIMENTS.items():
+        r = client.get_run(exp_repo.exps[key]["run_id"])
+        assert r.info.status == "FINISHED"
+        assert set(r.data.params) == set(base)
+        assert {k for k in base if r.data.params[k] != base[k]} == {param}
+        assert r.data.params[param] == value
+        assert r.data.tags["dvc.exp_name"] == key and r.info.run_name == key
+        assert r.data.tags["dvc.exp_baseline_rev"] == exp_repo.baseline_rev
+        assert r.data.tags["dvc.model_md5"] == exp_repo.exps[key]["model_md5"]
+        assert not [t for t in r.data.tags if t.startswith("param_changed.")]
+    # alpha changes the model; the baseline model was restored by git checkout + dvc checkout
+    assert exp_repo.exps["alpha"]["model_md5"] != lock_md5(exp_repo.baseline_lock, "models/ebm.pt")
+
+
+@pytest.mark.slow
+def test_dvc_exp_show_lists_the_metrics_mlflow_shows(exp_repo):
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], exp_repo.path).stdout)
+    rows = {}
+    for baseline in shown:
+        if baseline["rev"] == exp_repo.baseline_rev:
+            rows[baseline["rev"]] = baseline["data"]
+            for exp in baseline.get("experiments") or []:
+                for rev in exp["revs"]:
+                    rows[rev["rev"]] = rev["data"]
+    wanted = {exp_repo.baseline_rev: exp_repo.baseline_run_id} | {e["rev"]: e["run_id"] for e in exp_repo.exps.values()}
+    assert set(wanted) <= set(rows)
+    client = exp_repo.client()
+    for rev, run_id in wanted.items():
+        dvc_metrics = {}
+        for path, entry in rows[rev]["metrics"].items():
+            assert "error" not in entry, (rev, path, entry)
+            dvc_metrics.update(numeric_leaves(entry["data"], Path(path).stem))
+        assert {"train.final_loss", "evaluate.fid", "generate.steps", "classifier.test_accuracy"} <= set(dvc_metrics)
+        mlflow_final = {k: v for k, v in client.get_run(run_id).data.metrics.items() if "." in k}
+        assert mlflow_final == dvc_metrics, rev
+
+
+# ------------------------------------------------------------------ DVC remote
+
+
+@pytest.mark.slow
+def test_push_remove_pull_restores_data_and_model_bit_for_bit(exp_repo, tmp_path):
+    path = exp_repo.path
+    run(["dvc", "remote", "add", "--local", "-d", "store", str(tmp_path / "remote")], path)
+    before = {rel: md5(path / rel) for rel in CACHED_OUTS}
+    lock = yaml.safe_load((path / "dvc.lock").read_text())
+    assert before == {rel: lock_md5(lock, rel) for rel in CACHED_OUTS}
+    run(["dvc", "push", "-q"], path)
+    for rel in CACHED_OUTS:
+        (path / rel).unlink()
+    shutil.rmtree(path / ".dvc" / "cache")
+    run(["dvc", "pull", "-q"], path)
+    assert {rel: md5(path / rel) for rel in CACHED_OUTS} == before
+    assert json.loads(run(["dvc", "status", "--json"], path).stdout) == {}
+
+
+# ------------------------------------------------------------------ failing early
+
+
+def test_unreachable_server_fails_before_training_in_one_line(tmp_path):
+    write_params(tmp_path / "params.yaml")
+    env = {"PYTHONWARNINGS": "ignore"}
+    run([sys.executable, "-m", "pipeline", "prepare"], tmp_path, env=env)
+    uri = "http://127.0.0.1:9"
+    proc = run(
+        [sys.executable, "-m", "pipeline", "train"], tmp_path, env={**env, "MLFLOW_TRACKING_URI": uri}, check=False
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and uri in lines[0] and lines[0].startswith("tracking:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout and "train:" not in proc.stdout
+    assert not (tmp_path / "models").exists()  # no model, no checkpoint, no run.json
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_sqlite_uri_override_keeps_artifacts_beside_that_database(tmp_path, monkeypatch, mlflow_uri):
+    from pipeline.config import TrackingConfig
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # not where the database is
+    assert tracking.tracking_uri() == mlflow_uri
+    tracker = tracking.start_run(TrackingConfig(experiment="override"), run_name="t")
+    (work / "note.txt").write_text("x")
+    tracker.log_artifact(work / "note.txt", "notes")
+    tracker.close()
+    assert (tmp_path / "mlartifacts" / "override" / tracker.run_id / "artifacts" / "notes" / "note.txt").is_file()
+    assert not (work / "mlruns").exists() and not (work / "mlflow.db").exists()
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow_uri  # untouched by the tracker
+
+
+def test_make_ui_serves_the_pipeline_store():
+    if shutil.which("make") is None:
+        pytest.skip("make not installed")
+    proc = subprocess.run(["make", "-n", "-o", "setup", "ui"], cwd=ROOT, capture_output=True, text=True, check=True)
+    words = proc.stdout.replace("\\\n", " ").replace('"', " ").split()
+    option = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].startswith("--")}
+    root = ROOT.resolve()
+    assert option["--backend-store-uri"] == f"sqlite:///{root / tracking.DEFAULT_DB}"
+    assert option["--default-artifact-root"] == (root / tracking.DEFAULT_ARTIFACTS).as_uri()
+    assert option["--artifacts-destination"] == (root / tracking.DEFAULT_ARTIFACTS).as_uri()
+    assert option["--host"] == "127.0.0.1"
+    # the pipeline, run from the same root without MLFLOW_TRACKING_URI, uses the same store
+    assert tracking.artifact_root(f"sqlite:///{root / tracking.DEFAULT_DB}") == root / tracking.DEFAULT_ARTIFACTS
+
+
+def test_later_stage_records_params_that_differ_from_the_run(mlflow_uri, capsys):
+    from pipeline.config import TrackingConfig
+
+    cfg = TrackingConfig(experiment="drift")
+    tracker = tracking.start_run(cfg, run_name="t")
+    tracker.log_params({"generate.steps": 6, "model.channels": [1, 2]})
+    tracker.close()
+    again = tracking.resume_run(cfg, tracker.run_id, {"generate.steps": 10, "model.channels": [1, 2]})
+    again.close()
+    from mlflow.tracking import MlflowClient
+
+    r = MlflowClient(tracking_uri=mlflow_uri).get_run(tracker.run_id)
+    assert r.data.params["generate.steps"] == "6"  # MLflow params never change
+    assert {k: v for k, v in r.data.tags.items() if k.startswith("param_changed.")} == {
+        "param_changed.generate.steps": "6 -> 10"
+    }
+    assert r.info.status == "FINISHED"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tracking:")]
+    assert len(err) == 1 and "generate.steps" in err[0]
+
+
+def test_tracking_failure_after_the_start_warns_once_and_never_raises(capsys):
+    from mlflow.exceptions import MlflowException
+
+    class DeadClient:
+        calls = 0
+
+        def log_batch(self, *args, **kwargs):
+            DeadClient.calls += 1
+            raise MlflowException("API request to http://gone failed: Connection refused\nmore detail")
+
+        def set_terminated(self, *args, **kwargs):
+            raise AssertionError("no calls after the first failure")
+
+    tracker = tracking.MlflowTracker(DeadClient(), "abc", "http://gone")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    tracker.log_metrics({"loss": 0.5}, step=2)
+    tracker.set_tags({"a": "b"})
+    tracker.close("FINISHED")
+    assert DeadClient.calls == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "http://gone" in err[0] and "run abc is incomplete" in err[0]
+
+
+def test_project_root_of_dvc_temp_experiments(tmp_path, monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    temp_exp = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    temp_exp.mkdir(parents=True)
+    (temp_exp / "dvc.yaml").write_text("stages: {}\n")
+    assert tracking.project_root(temp_exp) == tmp_path
+    monkeypatch.chdir(temp_exp)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # what DVC exports to every stage it runs
+    monkeypatch.chdir(tmp_path.parent)
+    assert tracking.project_root() == tmp_path.resolve()
+    location = tracking.artifact_location("sqlite:////x/y/mlflow.db", "ebm mnist/v2")
+    assert location == "file:///x/y/mlartifacts/ebm-mnist-v2"
+    assert tracking.artifact_location("http://127.0.0.1:5000", "ebm-mnist") is None
