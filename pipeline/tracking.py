@@ -345,11 +345,31 @@ def _client(uri: str) -> Any:
     try:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # opens (and for SQLite creates) the store
+        with _store_lock(uri):
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # opens (and for SQLite creates) the store
     except Exception as exc:  # noqa: BLE001 - any store problem, one line
         raise TrackingError(f"tracking: cannot use the MLflow store {uri} ({_one_line(exc)})") from None
     return client
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first opening of a SQLite store across processes.
+
+    Two experiments started together (``dvc queue start -j 2``) would otherwise both run
+    MLflow's schema migrations on a new database at once, and one fails with "database is
+    locked". Later writes are short transactions that SQLite's own busy timeout handles.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock", timeout=300):
+        yield
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:
