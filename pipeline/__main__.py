@@ -14,11 +14,19 @@ STAGES = ("prepare", "train_classifier", "train", "generate", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `flow` and `bench` have options of their own (and their own --help): hand them the rest.
+    sub = bool(argv) and argv[0] in ("flow", "bench")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", description=__doc__.splitlines()[0], add_help=not sub
+    )
     parser.add_argument("command", choices=(*STAGES, "flow", "bench"), help="a DVC stage, the Prefect flow, or the benchmark")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args, extra = parser.parse_known_args(argv)
+    if sub:
+        args, extra = parser.parse_known_args(argv)
+    else:
+        args, extra = parser.parse_args(argv), []
 
     from pipeline.config import ConfigError, load_params
 

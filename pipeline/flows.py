@@ -1,0 +1,598 @@
+"""Prefect orchestration of the DVC pipeline. The only module that imports prefect.
+
+The flow ``ebm-pipeline`` runs the DVC stages in order, each as one Prefect task that calls
+``dvc repro --single-item <stage>`` in a subprocess, so a flow run leaves exactly what
+``dvc repro`` leaves (same outputs, same dvc.lock) and DVC, not Prefect, decides whether a
+stage re-runs. Each task reports what DVC did: ``ran``, ``skipped`` (unchanged) or
+``restored`` (outputs checked out from DVC's run-cache).
+
+With overrides (``{"train.alpha": 0.2}``) the run is a DVC experiment instead:
+``dvc exp run --temp -S train.alpha=0.2``, one task, in a copy of the workspace under
+``.dvc/tmp/exps``; params.yaml and the outputs in the workspace stay as they are, and the
+result is listed by ``dvc exp show`` (``dvc exp apply <name>`` brings it into the workspace).
+
+No ML here: the stages are ``python -m pipeline <stage>`` commands run by DVC.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# No network may be available: keep Prefect's (and DVC's) usage reporting off unless set otherwise.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from pipeline.__main__ import STAGES  # noqa: E402
+from pipeline.config import ConfigError, Params, load_params, with_overrides  # noqa: E402
+
+FLOW_NAME = "ebm-pipeline"
+ARTIFACT_KEY = "ebm-pipeline-report"
+PREFECT_FILE = "prefect.yaml"
+PARAMS_FILE = "params.yaml"  # what the DVC stages read
+DEFAULT_RETRIES = 2
+DEFAULT_RETRY_DELAY = 10.0
+TAIL_LINES = 20  # stderr lines of a failed DVC command kept for the error message
+INTERRUPT_GRACE_S = 30.0  # time a stage gets to checkpoint after SIGINT when the flow is stopped
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+_RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs")
+_EXP_NAME = re.compile(r"Ran experiment\(s\): (\S+)")
+STATUS_TEXT = {
+    "ran": "ran",
+    "skipped": "skipped (unchanged)",
+    "restored": "restored from the run-cache",
+    "unknown": "no DVC report",
+}
+
+
+class StageFailed(RuntimeError):
+    """A DVC command failed; the message ends with the tail of its stderr."""
+
+
+# ------------------------------------------------------------------ overrides
+
+
+def _parse_value(raw: str) -> Any:
+    """A value as ``dvc exp run -S`` reads it (Hydra's override grammar, which DVC uses)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides([f"x={raw}"])[0].value()
+    except OverrideParseException:
+        raise ConfigError(f"params: cannot parse the value {raw!r} (DVC's -S / Hydra override syntax)") from None
+
+
+def _format_value(value: Any) -> str:
+    """``value`` written so that ``dvc exp run -S`` reads it back unchanged."""
+    if isinstance(value, str) and value.strip() and _safe_parse(value) == value:
+        return value
+    text = json.dumps(value)
+    if _safe_parse(text) != value:
+        raise ConfigError(f"params: the value {value!r} cannot be passed to dvc exp run -S")
+    return text
+
+
+def _safe_parse(raw: str) -> Any:
+    try:
+        return _parse_value(raw)
+    except ConfigError:
+        return object()  # equal to nothing
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["train.alpha=0.2", ...]`` (the ``--set`` flags) -> ``{"train.alpha": "0.2", ...}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"params: --set expects KEY=VALUE (e.g. train.alpha=0.2), got {item!r}")
+        out[key.strip()] = raw
+    return out
+
+
+def check_overrides(params: Params, overrides: dict[str, Any]) -> tuple[Params, list[str]]:
+    """Validate overrides against the config; return the new params and the ``-S`` arguments.
+
+    String values are read like ``-S`` reads them (``"1e-4"`` is a number), so a flow
+    parameter from the UI and a ``--set`` flag mean the same. Raises ``ConfigError``.
+    """
+    values = {k: _parse_value(v) if isinstance(v, str) else v for k, v in overrides.items()}
+    new = with_overrides(params, values)
+    return new, [f"{k}={_format_value(v)}" for k, v in values.items()]
+
+
+# ------------------------------------------------------------------ running DVC
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    lines: list[str] = field(default_factory=list)  # stdout and stderr, in arrival order
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+def command_env() -> dict[str, str]:
+    """The environment of DVC and its stages: this interpreter's bin directory first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "PYTHONUNBUFFERED": "1",  # stream stage output as it comes
+        "DVC_NO_ANALYTICS": "1",
+    }
+
+
+def run_command(args: list[str], cwd: str | Path, on_line: Callable[[str], None] | None = None) -> CommandResult:
+    """Run a command, passing each output line to ``on_line`` as it arrives.
+
+    If the caller is interrupted (Ctrl-C, flow cancelled), the command's process group gets
+    SIGINT, so a training stage can write its checkpoint, then SIGKILL after a grace period.
+    """
+    posix = os.name == "posix"
+    proc = subprocess.Popen(
+        args,
+        cwd=cwd,
+        env=command_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=posix,
+    )
+    lines: queue.Queue = queue.Queue()
+
+    def pump(stream, is_err: bool) -> None:
+        for line in stream:
+            lines.put((is_err, line.rstrip("\r\n")))
+        lines.put(None)
+
+    for stream, is_err in ((proc.stdout, False), (proc.stderr, True)):
+        threading.Thread(target=pump, args=(stream, is_err), daemon=True).start()
+    result = CommandResult(returncode=-1)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    try:
+        open_streams = 2
+        while open_streams:
+            item = lines.get()
+            if item is None:
+                open_streams -= 1
+                continue
+            is_err, line = item
+            result.lines.append(line)
+            if is_err and line.strip():
+                tail.append(line)
+            if on_line is not None and line.strip():
+                on_line(line)
+        result.returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            _stop(proc, posix)
+    result.stderr_tail = list(tail)
+    return result
+
+
+def _stop(proc: subprocess.Popen, posix: bool) -> None:
+    try:
+        if posix:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.terminate()
+        proc.wait(timeout=INTERRUPT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        if posix:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def run_dvc(args: list[str], cwd: str | Path, on_line: Callable[[str], None] | None = None) -> CommandResult:
+    """``dvc <args>`` with this interpreter, in ``cwd``. Resolved at call time, so tests can patch it."""
+    return run_command([sys.executable, "-m", "dvc", *args], cwd, on_line)
+
+
+def stage_statuses(lines: list[str]) -> dict[str, str]:
+    """What DVC did with each stage, from its output: ran, skipped or restored."""
+    out: dict[str, str] = {}
+    for line in lines:
+        for pattern, status in ((_RAN, "ran"), (_SKIPPED, "skipped"), (_RESTORED, "restored")):
+            m = pattern.search(line)
+            if m:
+                out[m.group(1)] = status
+    return out
+
+
+def _failure(what: str, args: list[str], result: CommandResult) -> StageFailed:
+    tail = "\n".join(result.stderr_tail) or "(no output on stderr)"
+    return StageFailed(f"{what} failed: dvc {' '.join(args)} exited with {result.returncode}\n{tail}")
+
+
+@task(name="dvc-stage", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(stage: str, repo_dir: str) -> str:
+    """``dvc repro --single-item <stage>``; returns ran, skipped, restored (or unknown)."""
+    logger = get_run_logger()
+    args = ["repro", "--single-item", stage]
+    result = run_dvc(args, repo_dir, logger.info)
+    if result.returncode != 0:
+        exc = _failure(f"stage {stage}", args, result)
+        logger.error("%s", exc)
+        raise exc
+    status = stage_statuses(result.lines).get(stage, "unknown")
+    logger.info("stage %s: %s", stage, STATUS_TEXT[status])
+    return status
+
+
+@task(name="dvc-exp-run", cache_policy=NO_CACHE)
+def run_experiment(repo_dir: str, set_args: list[str], name: str | None, copy_paths: list[str]) -> dict[str, Any]:
+    """``dvc exp run --temp -S k=v ...`` (all stages); returns the experiment's name and stage statuses."""
+    logger = get_run_logger()
+    args = ["exp", "run", "--temp"]
+    if name:
+        args += ["--name", name]
+    for item in set_args:
+        args += ["--set-param", item]
+    for path in copy_paths:
+        args += ["--copy-paths", path]
+    result = run_dvc(args, repo_dir, logger.info)
+    if result.returncode != 0:
+        exc = _failure("experiment", args, result)
+        logger.error("%s", exc)
+        raise exc
+    statuses = stage_statuses(result.lines)
+    for stage in STAGES:
+        logger.info("stage %s: %s", stage, STATUS_TEXT[statuses.get(stage, "unknown")])
+    found = [m.group(1) for m in map(_EXP_NAME.search, result.lines) if m]
+    return {"name": found[-1] if found else name, "stages": statuses}
+
+
+def experiment_copy_paths(repo: Path, params: Params) -> list[str]:
+    """Workspace outputs that git does not hold, to copy into the experiment's temporary copy.
+
+    ``dvc exp run --temp`` starts from the last commit (plus uncommitted changes to tracked
+    files): cached outputs are checked out from the DVC cache, but uncached ones that are not
+    committed (yet), like the persistent checkpoints, would be missing and their stages would
+    re-run (the model would be re-trained for a change in ``generate``). Copying them, and an
+    untracked dvc.lock, makes the experiment start from the workspace.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True, check=False)
+    tracked = set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else set()
+    tracked_dirs = {str(Path(f).parents[i].as_posix()) for f in tracked for i in range(len(Path(f).parents) - 1)}
+    chosen: list[str] = []
+    for raw in asdict(params.paths).values():
+        parts = Path(raw).parts
+        if not parts or Path(raw).is_absolute() or ".." in parts:
+            continue
+        for i in range(len(parts)):
+            prefix = Path(*parts[: i + 1]).as_posix()
+            if prefix not in tracked_dirs:
+                if prefix not in tracked and (repo / prefix).exists():
+                    chosen.append(prefix)
+                break
+    if (repo / "dvc.lock").is_file() and "dvc.lock" not in tracked:
+        chosen.append("dvc.lock")
+    unique = sorted(set(chosen))
+    return [p for p in unique if not any(p.startswith(q + "/") for q in unique if q != p)]
+
+
+# ------------------------------------------------------------------ the report
+
+
+def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        return [kv for k, v in obj.items() for kv in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix[:-1], obj)]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def workspace_results(repo: Path, params: Params) -> tuple[dict[str, Any], str | None]:
+    """Metrics files (in the order the stages wrote them) and the MLflow run id, from the workspace."""
+    metrics: dict[str, Any] = {}
+    mdir = repo / params.paths.metrics_dir
+    files = sorted(mdir.glob("*.json"), key=lambda p: (p.stat().st_mtime, p.name)) if mdir.is_dir() else []
+    for path in files:
+        try:
+            metrics[Path(params.paths.metrics_dir, path.name).as_posix()] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            metrics[path.name] = {"error": str(exc)}
+    run_id = None
+    info = repo / params.paths.run_info
+    if info.is_file():
+        try:
+            run_id = json.loads(info.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            run_id = None
+    return metrics, run_id
+
+
+def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
+    """Metrics as ``dvc exp show`` lists them for experiment ``name``, its MLflow run id and commit."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=repo,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        rows = json.loads(shown.stdout) if shown.returncode == 0 else []
+    except ValueError:
+        rows = []
+    for baseline in rows:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") != name:
+                    continue
+                prefix = Path(params.paths.metrics_dir).as_posix().rstrip("/") + "/"
+                metrics = {
+                    path: entry.get("data", {"error": "not in the experiment commit"})
+                    for path, entry in ((rev.get("data") or {}).get("metrics") or {}).items()
+                    if path.startswith(prefix)
+                }
+                shown_info = subprocess.run(
+                    ["git", "show", f"{rev['rev']}:{Path(params.paths.run_info).as_posix()}"],
+                    cwd=repo,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                run_id = None
+                if shown_info.returncode == 0:
+                    try:
+                        run_id = json.loads(shown_info.stdout).get("run_id")
+                    except (ValueError, AttributeError):
+                        run_id = None
+                return metrics, run_id, rev["rev"]
+    return {}, None, None
+
+
+def report_markdown(
+    stages: dict[str, str],
+    metrics: dict[str, Any],
+    run_id: str | None,
+    experiment: dict[str, Any] | None = None,
+) -> str:
+    lines = [f"# {FLOW_NAME}", ""]
+    if experiment:
+        sets = ", ".join(f"`{s}`" for s in experiment["set"])
+        lines += [
+            (
+                f"DVC experiment **{experiment['name']}** (`dvc exp run --temp`, {sets}); "
+                f"`dvc exp show` lists it, `dvc exp apply {experiment['name']}` brings it into the workspace."
+            ),
+            "",
+        ]
+    else:
+        lines += ["`dvc repro` of the workspace, one stage per task.", ""]
+    if run_id:
+        lines += [f"MLflow run id: `{run_id}`", ""]
+    elif experiment:
+        lines += ["MLflow run id: not in the experiment commit (the run-info file is git-ignored).", ""]
+    else:
+        lines += ["MLflow run id: none (no run-info file).", ""]
+    lines += ["## Stages", "", "| Stage | DVC |", "|---|---|"]
+    lines += [f"| {s} | {STATUS_TEXT[stages.get(s, 'unknown')]} |" for s in STAGES]
+    lines += ["", "## Metrics", ""]
+    rows = []
+    for path, data in metrics.items():
+        if isinstance(data, dict) and set(data) == {"error"}:
+            rows.append(f"| {path} | (unreadable) | {data['error']} |")
+            continue
+        rows += [f"| {path} | {key} | {_fmt(value)} |" for key, value in _flatten(data)]
+    if rows:
+        lines += ["| File | Metric | Value |", "|---|---|---|", *rows]
+    else:
+        lines += ["No metrics found."]
+    return "\n".join(lines) + "\n"
+
+
+@task(name="publish-report", cache_policy=NO_CACHE)
+def publish_report(repo_dir: str, params: Params, stages: dict[str, str], experiment: dict[str, Any] | None) -> dict:
+    """A markdown artifact with the stage outcomes, the metrics table and the MLflow run id."""
+    repo = Path(repo_dir)
+    if experiment:
+        metrics, run_id, rev = experiment_results(repo, params, experiment["name"])
+        experiment = {**experiment, "rev": rev}
+    else:
+        metrics, run_id = workspace_results(repo, params)
+    markdown = report_markdown(stages, metrics, run_id, experiment)
+    create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description=f"{FLOW_NAME}: metrics and MLflow run")
+    return {"metrics": metrics, "run_id": run_id, "markdown": markdown}
+
+
+# ------------------------------------------------------------------ the flow
+
+
+@flow(name=FLOW_NAME, description="The DVC pipeline (prepare -> evaluate), each stage run through DVC.")
+def ebm_pipeline(
+    overrides: dict[str, Any] | None = None,
+    retries: int = DEFAULT_RETRIES,
+    retry_delay_seconds: float = DEFAULT_RETRY_DELAY,
+    experiment_name: str | None = None,
+    repo_dir: str = ".",
+) -> dict[str, Any]:
+    """Run every DVC stage in order; with ``overrides`` run them as one DVC experiment.
+
+    overrides: ``{"section.key": value}``, e.g. ``{"train.alpha": 0.2}``; validated before
+        anything runs. Given, the run is ``dvc exp run --temp -S ...``; params.yaml is not touched.
+    retries, retry_delay_seconds: how often, and after how long, a failed stage is retried.
+    experiment_name: the DVC experiment's name (with overrides; DVC picks one if empty).
+    repo_dir: the DVC repository (default: the working directory).
+    """
+    logger = get_run_logger()
+    repo = Path(repo_dir).resolve()
+    params, set_args = check_overrides(load_params(repo / PARAMS_FILE), overrides or {})
+    if retries < 0 or retry_delay_seconds < 0:
+        raise ValueError(f"retries ({retries}) and retry_delay_seconds ({retry_delay_seconds}) must be >= 0")
+    options = {"retries": retries, "retry_delay_seconds": retry_delay_seconds}
+    experiment = None
+    if set_args:
+        copy_paths = experiment_copy_paths(repo, params)
+        logger.info("overrides %s: running a DVC experiment (workspace params.yaml unchanged)", ", ".join(set_args))
+        done = run_experiment.with_options(**options)(str(repo), set_args, experiment_name, copy_paths)
+        stages = done["stages"]
+        experiment = {"name": done["name"], "set": set_args}
+    else:
+        stages = {stage: run_stage.with_options(**options)(stage, str(repo)) for stage in STAGES}
+    report = publish_report(str(repo), params, stages, experiment)
+    return {"stages": stages, "experiment": experiment, "run_id": report["run_id"], "metrics": report["metrics"]}
+
+
+# ------------------------------------------------------------------ deployment
+
+
+def deployment_spec(repo: str | Path = ".", name: str | None = None) -> dict[str, Any]:
+    """The deployment declared in prefect.yaml: name, cron, timezone, parameters, ..."""
+    path = Path(repo) / PREFECT_FILE
+    config = yaml.safe_load(path.read_text()) or {}
+    entries = [d for d in config.get("deployments") or [] if str(d.get("entrypoint", "")).endswith(":ebm_pipeline")]
+    if name:
+        entries = [d for d in entries if d.get("name") == name]
+    if not entries:
+        raise ConfigError(f"prefect: no deployment{' ' + repr(name) if name else ''} of ebm_pipeline in {path}")
+    entry = entries[0]
+    crons = [s for s in entry.get("schedules") or [] if s.get("cron")]
+    return {
+        "name": entry["name"],
+        "cron": crons[0]["cron"] if crons else None,
+        "timezone": crons[0].get("timezone") if crons else None,
+        "parameters": entry.get("parameters") or {},
+        "description": entry.get("description"),
+        "tags": entry.get("tags") or [],
+        "concurrency_limit": entry.get("concurrency_limit"),
+        "work_pool": (entry.get("work_pool") or {}).get("name"),
+    }
+
+
+def build_deployment(repo: str | Path = ".", name: str | None = None, cron: str | None = None):
+    """The prefect.yaml deployment as a runner deployment of this flow (what ``--serve`` serves)."""
+    from prefect.schedules import Cron
+
+    spec = deployment_spec(repo, name)
+    cron = cron or spec["cron"]
+    return ebm_pipeline.to_deployment(
+        name=spec["name"],
+        schedules=[Cron(cron, timezone=spec["timezone"])] if cron else None,
+        parameters=spec["parameters"],
+        description=spec["description"],
+        tags=spec["tags"],
+        concurrency_limit=spec["concurrency_limit"],
+    )
+
+
+def serve(repo: str | Path = ".", name: str | None = None, cron: str | None = None) -> None:
+    """Register the deployment and run its scheduled flow runs in this process until stopped."""
+    from prefect import serve as prefect_serve
+
+    prefect_serve(build_deployment(repo, name, cron))
+
+
+# ------------------------------------------------------------------ command line
+
+
+def main(argv: list[str] | None = None, params_path: str = PARAMS_FILE) -> int:
+    """``python -m pipeline flow [--set KEY=VALUE ...] [--retries N] [--retry-delay S] [--serve]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline flow",
+        description="Run the DVC pipeline once as the Prefect flow 'ebm-pipeline', or serve its schedule.",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param (repeatable); the run becomes a DVC experiment",
+    )
+    parser.add_argument("--name", help="the DVC experiment's name (with --set)")
+    parser.add_argument(
+        "--retries", type=int, default=DEFAULT_RETRIES, help=f"retries of a failed stage (default {DEFAULT_RETRIES})"
+    )
+    parser.add_argument(
+        "--retry-delay",
+        type=float,
+        default=DEFAULT_RETRY_DELAY,
+        help=f"seconds between retries (default {DEFAULT_RETRY_DELAY:g})",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help=f"serve the deployment of {PREFECT_FILE} on its schedule instead of running once",
+    )
+    parser.add_argument("--deployment", help=f"with --serve: which deployment of {PREFECT_FILE} (default: the first)")
+    parser.add_argument("--cron", help=f"with --serve: a cron schedule instead of the one in {PREFECT_FILE}")
+    args = parser.parse_args(argv)
+
+    if Path(params_path).resolve() != Path(PARAMS_FILE).resolve():
+        print(f"flow: the DVC stages read {PARAMS_FILE}; --params is not supported with flow", file=sys.stderr)
+        return 2
+    try:
+        if args.retries < 0 or args.retry_delay < 0:
+            raise ConfigError("flow: --retries and --retry-delay must be >= 0")
+        overrides = parse_set(args.overrides)
+        check_overrides(load_params(params_path), overrides)
+        if args.serve:
+            if overrides or args.name:
+                raise ConfigError(f"flow: --serve takes its parameters from {PREFECT_FILE}, not --set/--name")
+            deployment_spec(".", args.deployment)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.serve:
+        serve(".", args.deployment, args.cron)
+        return 0
+
+    started = time.monotonic()
+    state = ebm_pipeline(
+        overrides=overrides or None,
+        retries=args.retries,
+        retry_delay_seconds=args.retry_delay,
+        experiment_name=args.name,
+        repo_dir=".",
+        return_state=True,
+    )
+    if not state.is_completed():
+        try:
+            state.result()
+        except Exception as exc:  # noqa: BLE001 - the flow's own exception: failed stage and stderr tail
+            print(f"flow: {exc}", file=sys.stderr)
+        else:
+            print(f"flow: {state.name}: {state.message}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    outcome = ", ".join(f"{s} {summary['stages'].get(s, 'unknown')}" for s in STAGES)
+    where = f"experiment {summary['experiment']['name']}" if summary["experiment"] else "workspace"
+    print(f"flow: {where}: {outcome} ({time.monotonic() - started:.0f}s); MLflow run {summary['run_id'] or '-'}")
+    return 0
