@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -106,6 +107,10 @@ def peak_rss_mib() -> float:
 
 def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.stdout) -> dict[str, float]:
     device = resolve_device(params.runtime)
+    # The baseline runs with torch's defaults: denormals on. torch's worker threads take the
+    # floating-point mode of the thread that starts them, so the baseline runs (and starts
+    # them) before the project's flush-to-zero setting is switched on below.
+    torch.set_flush_denormal(False)
     lcfg, tcfg, bcfg = params.langevin, params.train, params.buffer
     batch = tcfg.batch_size
     torch.manual_seed(0)
@@ -127,8 +132,6 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
             tcfg.alpha, bcfg.reinit_prob,
         )
 
-    eager_s = _time(eager, iters, 1, device)
-
     # (2) the project's trainer step
     model = EnergyNet.from_config(params.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
@@ -140,9 +143,25 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     def project() -> None:
         cd_step(model, optimizer, buffer, real, langevin_cfg=lcfg, train_cfg=tcfg, generator=generator, score_fn=score_fn)
 
+    def baseline() -> None:
+        torch.set_flush_denormal(False)  # the baseline runs with torch's defaults
+        try:
+            eager()
+        finally:
+            torch.set_flush_denormal(params.runtime.flush_denormal)
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    project_s = _time(project, iters, 1, device)
+    # Alternate the two, one iteration at a time, and take medians: on a shared machine the
+    # speed drifts, and alternating exposes both implementations to the same drift.
+    baseline()
+    torch.set_flush_denormal(params.runtime.flush_denormal)
+    project()
+    eager_times, project_times = [], []
+    for _ in range(iters):
+        eager_times.append(_time(baseline, 1, 0, device))
+        project_times.append(_time(project, 1, 0, device))
+    eager_s, project_s = statistics.median(eager_times), statistics.median(project_times)
 
     image_steps = batch * lcfg.steps
     flops_per_step = 2 * forward_flops(model)  # forward + input-gradient backward, per image
@@ -192,7 +211,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
 
 def main(params: Params, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline bench")
-    parser.add_argument("--iters", type=int, default=10, help="timed training iterations per implementation")
+    parser.add_argument("--iters", type=int, default=20, help="timed training iterations per implementation (alternating)")
     parser.add_argument("--gen-samples", type=int, default=1000)
     parser.add_argument("--gen-steps", type=int, default=1000)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -9,6 +9,7 @@ from pipeline.buffer import uniform_noise
 from pipeline.config import GenerateConfig, LangevinConfig
 from pipeline.langevin import langevin, score_in_precision
 from pipeline.model import IMAGE_SHAPE, frozen
+from pipeline.runtime import chain_workers
 
 
 def generate_samples(
@@ -41,6 +42,7 @@ def generate_samples(
                 noise=langevin_cfg.noise,
                 grad_clip=langevin_cfg.grad_clip,
                 generator=generator,
+                workers=chain_workers(langevin_cfg.workers, device),
                 record_at=cfg.chain_steps if start == 0 else (),
                 progress=lambda _step: bar.update(1),
             )

@@ -14,6 +14,7 @@ def resolve_device(cfg: RuntimeConfig) -> torch.device:
     """``auto`` picks CUDA when available, else CPU; an explicit device must exist."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(cfg.flush_denormal)  # a no-op (returns False) where unsupported
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(cfg.device)
@@ -32,6 +33,13 @@ def seed_everything(seed: int) -> None:
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def chain_workers(workers: int, device: torch.device) -> int:
+    """How many groups of Langevin chains to run side by side: ``workers``, or one per core (CPU) if 0."""
+    if device.type != "cpu":
+        return 1
+    return workers if workers > 0 else torch.get_num_threads()
 
 
 def describe(device: torch.device) -> str:

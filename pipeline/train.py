@@ -3,6 +3,10 @@
 The trainer owns the loop and its safety nets: periodic atomic checkpoints (model, optimizer,
 replay buffer, step, every RNG state), resume after a kill, save-and-exit on SIGINT/SIGTERM,
 and rollback with a lower learning rate when the scores diverge.
+
+Under torchrun it trains data-parallel (see ``pipeline/distributed.py``): each rank has its own
+data shard, buffer and chains; the CD loss runs through DistributedDataParallel; statistics are
+averaged over ranks before every decision; rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.buffer import ReplayBuffer
-from pipeline.checkpoint import CHECKPOINT_FORMAT, atomic_save, rng_state, safe_load, set_rng_state
+from pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, rng_state, safe_load, set_rng_state
 from pipeline.config import LangevinConfig, Params, TrainConfig
+from pipeline.distributed import SINGLE, Dist
 from pipeline.langevin import langevin, score_in_precision
 from pipeline.losses import contrastive_divergence
+from pipeline.runtime import chain_workers
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
 
 LOGGED = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
@@ -56,9 +62,13 @@ def cd_step(
     generator: torch.Generator,
     score_fn: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One contrastive-divergence update; returns detached statistics (no host sync)."""
+    """One contrastive-divergence update; returns detached statistics (no host sync).
+
+    ``model`` may be DistributedDataParallel: the loss then runs through it, so the weight
+    gradients are averaged over ranks, while the sampler scores with the module inside.
+    """
     n = real.shape[0]
-    score_fn = score_fn or model
+    score_fn = score_fn or getattr(model, "module", model)
     real = (real + train_cfg.real_noise * torch.randn(real.shape, generator=generator, device=real.device)).clamp(-1, 1)
     x0 = buffer.sample(n, generator)  # (n, 1, 32, 32)
     sync = getattr(score_fn, "sync", None)
@@ -73,6 +83,7 @@ def cd_step(
             noise=langevin_cfg.noise,
             grad_clip=langevin_cfg.grad_clip,
             generator=generator,
+            workers=chain_workers(langevin_cfg.workers, real.device),
         )
     buffer.push(fake)
     scores = model(torch.cat([real, fake]))  # (2n,): split by count, never by halves of a short batch
@@ -123,27 +134,32 @@ class Trainer:
         checkpoint_path: str | Path,
         progress: bool = True,
         step_fn: Callable[..., dict[str, torch.Tensor]] = cd_step,
+        dist: Dist = SINGLE,
     ) -> None:
         self.params, self.cfg = params, params.train
         self.device, self.tracker = device, tracker
         self.progress = progress
         self.step_fn = step_fn
+        self.dist = dist
         self.checkpoint_path = Path(checkpoint_path)
         self.images = images.to(device)  # (N, 1, 32, 32)
-        self.steps_per_epoch = self.images.shape[0] // self.cfg.batch_size
+        self.steps_per_epoch = (self.images.shape[0] // dist.world_size) // self.cfg.batch_size  # per rank
         if self.steps_per_epoch < 1:
             raise ValueError(
-                f"train: {self.images.shape[0]} training images are fewer than one batch ({self.cfg.batch_size})"
+                f"train: {self.images.shape[0]} training images over {dist.world_size} process(es) "
+                f"are fewer than one batch ({self.cfg.batch_size}) per process"
             )
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.fingerprint = fingerprint(params, tensor_digest(images))
+        dist.check_same(self.fingerprint, "params or training data")
         torch.manual_seed(self.cfg.seed)
         self.model = EnergyNet.from_config(params.model).to(device)
+        self.step_model = dist.wrap(self.model)  # what the CD loss runs through: DDP under torchrun
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2)
         )
         self.buffer = ReplayBuffer(params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob, device)
-        self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed)
+        self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed + dist.rank)
         self.score_fn = score_in_precision(self.model, params.langevin.precision)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -166,27 +182,48 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "run_id": getattr(self.tracker, "run_id", None),
+            "world_size": self.dist.world_size,
         }
 
     def save_checkpoint(self) -> None:
-        atomic_save(self.state_dict(), self.checkpoint_path)
+        """Rank 0 writes the checkpoint; in a distributed run it holds every rank's buffer and RNG states."""
+        state = self.state_dict()
+        if self.dist.enabled:
+            state["ranks"] = self.dist.gather({"buffer": state["buffer"], "rng": state["rng"]})
+        if self.dist.is_main:
+            atomic_save(state, self.checkpoint_path)
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
-        set_rng_state(state["rng"], {"train": self.generator})
+        if state["rng"] is not None:
+            set_rng_state(state["rng"], {"train": self.generator})
+        else:  # a rank the checkpoint has no state for: it was written by fewer processes
+            self.generator.manual_seed(self.cfg.seed + self.dist.rank)
         self.step = int(state["step"])
         self.history = list(state["history"])
         self.rollbacks = int(state["rollbacks"])
         self.lr_scale = float(state["lr_scale"])
 
+    def _read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint, if it belongs to this exact configuration and data, with this rank's own states.
+
+        In a distributed run rank 0 reads the file and hands every rank its part.
+        """
+
+        def read() -> dict[str, Any] | None:
+            if not self.checkpoint_path.is_file():
+                return None
+            state = safe_load(self.checkpoint_path, CHECKPOINT_FORMAT)
+            return state if state.get("fingerprint") == self.fingerprint else None
+
+        return self.dist.share_state(read)
+
     def try_resume(self) -> bool:
         """Resume from the checkpoint if it belongs to this exact configuration and data."""
-        if not self.checkpoint_path.is_file():
-            return False
-        state = safe_load(self.checkpoint_path, CHECKPOINT_FORMAT)
-        if state.get("fingerprint") != self.fingerprint:
+        state = self._read_checkpoint()
+        if state is None:
             return False
         self.load_state(state)
         return True
@@ -203,9 +240,10 @@ class Trainer:
     def _batch(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.steps_per_epoch)
         if getattr(self, "_perm_epoch", None) != epoch:
-            # The order of each epoch depends on (seed, epoch) only, so a resumed run sees the same batches.
+            # The order of each epoch depends on (seed, epoch) only, so a resumed run sees the same batches;
+            # each rank takes its disjoint share of it.
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.images.shape[0], generator=g).to(self.device)
+            self._perm = self.dist.shard(torch.randperm(self.images.shape[0], generator=g)).to(self.device)
             self._perm_epoch = epoch
         idx = self._perm[i * self.cfg.batch_size : (i + 1) * self.cfg.batch_size]  # drop the short tail
         return self.images[idx]
@@ -222,7 +260,9 @@ class Trainer:
                 f"lower train.lr or langevin.step_size"
             )
         rollbacks, lr_scale = self.rollbacks, self.lr_scale * self.cfg.rollback_lr_factor
-        state = safe_load(self.checkpoint_path, CHECKPOINT_FORMAT)
+        state = self._read_checkpoint()
+        if state is None:
+            raise CheckpointError(f"train: no checkpoint of this run at {self.checkpoint_path} to roll back to")
         self.load_state(state)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         for group in self.optimizer.param_groups:
@@ -231,14 +271,15 @@ class Trainer:
             f"train: divergence at step {step} ({detail}); rolled back to step {self.step}, "
             f"lr now {self.cfg.lr * self.lr_scale:.3g} (rollback {self.rollbacks}/{self.cfg.max_rollbacks})"
         )
-        tqdm.write(message, file=sys.stderr)
+        if self.dist.is_main:
+            tqdm.write(message, file=sys.stderr)
         self.tracker.log_metrics({"rollback": float(self.rollbacks), "lr": self.cfg.lr * self.lr_scale}, step=step)
         self.tracker.set_tags({f"rollback.{self.rollbacks}": message})
         self.save_checkpoint()  # the lowered lr and the rollback count survive a later kill
 
     def fit(self, on_log: Callable[[int, "Trainer"], None] | None = None) -> TrainResult:
         resumed_from = self.step
-        if self.step == 0 and not self.checkpoint_path.is_file():
+        if self.step == 0 and not self.dist.on_main(self.checkpoint_path.is_file, share=True):
             self.save_checkpoint()  # a rollback target exists from the first step on
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * self.lr_scale
@@ -251,7 +292,7 @@ class Trainer:
             while self.step < self.total_steps:
                 step = self.step
                 stats = self.step_fn(
-                    self.model,
+                    self.step_model,
                     self.optimizer,
                     self.buffer,
                     self._batch(step),
@@ -263,14 +304,19 @@ class Trainer:
                 done = step + 1
                 is_log = done % self.cfg.log_every == 0 or done == self.total_steps
                 is_ckpt = done % self.cfg.checkpoint_every == 0 or done == self.total_steps
+                stop = self._signal is not None
                 # Checking needs a host sync: every step on CPU (free), at log/checkpoint steps on GPU.
                 if is_log or is_ckpt or self.device.type == "cpu":
                     values = {k: float(v) for k, v in stats.items()}
+                    # Distributed: means over ranks, and a stop if any rank was signalled, so all decide alike.
+                    values, stop = self.dist.reduce_stats(values, step=done, stop=stop)
                     if not all(math.isfinite(v) for v in values.values()) or values["max_abs_score"] > self.cfg.max_score:
                         self._rollback(step, values)
                         bar.n = self.step
                         bar.refresh()
                         continue
+                elif self.dist.enabled:
+                    stop = False  # ranks act on a signal only where they have agreed on it
                 self.step = done
                 bar.update(1)
                 if is_log:
@@ -283,9 +329,9 @@ class Trainer:
                         on_log(done, self)
                 if is_ckpt:
                     self.save_checkpoint()
-                if self._signal is not None:
+                if stop:
                     self.save_checkpoint()
-                    raise TrainingInterrupted(self._signal, self.step, self.checkpoint_path)
+                    raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, self.checkpoint_path)
         finally:
             bar.close()
             for s, h in old_handlers.items():

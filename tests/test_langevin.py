@@ -83,3 +83,22 @@ def test_bf16_score_is_float32_and_close():
     x.requires_grad_(True)
     (grad,) = torch.autograd.grad(bf16_score(x).sum(), x)
     assert grad.dtype == torch.float32
+
+
+def test_chain_groups_on_threads_are_deterministic_and_equal_to_separate_runs():
+    model = _fixed_net()
+    x0 = torch.rand(10, 1, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    kw = dict(steps=4, step_size=10.0, noise=0.01, grad_clip=0.03, record_at=[1, 3])
+    with frozen(model):
+        a, snaps_a = langevin(model, x0, generator=torch.Generator().manual_seed(0), workers=2, **kw)
+        b, _ = langevin(model, x0, generator=torch.Generator().manual_seed(0), workers=2, **kw)
+        # The same result as running the two halves one after the other with the derived seeds.
+        seeds = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(0)).tolist()
+        halves = [
+            langevin(model, part, generator=torch.Generator().manual_seed(seed), **kw)[0]
+            for part, seed in zip(torch.tensor_split(x0, 2), seeds)
+        ]
+    assert torch.equal(a, b)
+    assert torch.allclose(a, torch.cat(halves), atol=1e-6)
+    assert sorted(snaps_a) == [1, 3] and snaps_a[3].shape == (10, 1, 32, 32)
+    assert torch.get_num_threads() >= 1

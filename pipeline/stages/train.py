@@ -1,4 +1,9 @@
-"""Stage ``train``: contrastive-divergence training, tracked as one MLflow run."""
+"""Stage ``train``: contrastive-divergence training, tracked as one MLflow run.
+
+``python -m pipeline train`` trains in one process; ``torchrun --nproc-per-node N -m pipeline
+train`` trains data-parallel on N processes (``pipeline/distributed.py``), where rank 0 alone
+talks to MLflow and writes the outputs.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import data, tracking
+from pipeline import data, distributed, tracking
 from pipeline.checkpoint import MODEL_FORMAT, atomic_save
 from pipeline.config import Params
 from pipeline.figures import save_curves, save_grid
 from pipeline.model import EnergyNet, count_parameters
-from pipeline.runtime import describe, resolve_device, seed_everything
+from pipeline.runtime import describe, seed_everything
 from pipeline.stages.common import file_md5, split_path, write_json
 from pipeline.train import Trainer, TrainingInterrupted
 
@@ -22,22 +27,37 @@ CHECKPOINT_NAME = "last.pt"
 
 
 def run(params: Params, progress: bool = True) -> dict:
-    tracking.preflight(params.tracking)  # an unreachable server fails here, before any training
+    dist, device = distributed.init(params.runtime)  # one process, or this rank of a torchrun job
+    try:
+        return _run(params, progress, dist, device)
+    finally:
+        distributed.teardown(dist)
+
+
+def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.device) -> dict:
+    # An unreachable server fails here, before any training (on every rank: rank 0 checks it).
+    dist.on_main(lambda: tracking.preflight(params.tracking))
     seed_everything(params.train.seed)
-    device = resolve_device(params.runtime)
     train_split = data.load_split(split_path(params, "train"))
     checkpoint = Path(params.paths.checkpoint_dir) / CHECKPOINT_NAME
 
-    trainer = Trainer(params, train_split.images, device, tracking.NullTracker(), checkpoint, progress=progress)
+    trainer = Trainer(
+        params, train_split.images, device, tracking.NullTracker(), checkpoint,
+        progress=progress and dist.is_main, dist=dist,
+    )
     resumed = trainer.try_resume()
-    run_id = Trainer.checkpoint_run_id(checkpoint) if resumed else None
-    if run_id:
-        tracker = tracking.resume_run(params.tracking, run_id, params.flat())
-    else:
-        tracker = tracking.start_run(params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    def open_run() -> tracking.MlflowTracker | tracking.NullTracker:
+        run_id = Trainer.checkpoint_run_id(checkpoint) if resumed else None
+        if run_id:
+            return tracking.resume_run(params.tracking, run_id, params.flat())
+        return tracking.start_run(params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+
+    tracker = dist.on_main(open_run) or tracking.NullTracker()  # only rank 0 talks to MLflow
     trainer.tracker = tracker
     if resumed:
-        print(f"train: resuming from step {trainer.step} of {trainer.total_steps} ({checkpoint})")
+        if dist.is_main:
+            print(f"train: resuming from step {trainer.step} of {trainer.total_steps} ({checkpoint})")
     else:
         trainer.save_checkpoint()  # records the run id, so a resume after a kill logs into the same run
     if not resumed:
@@ -49,6 +69,7 @@ def run(params: Params, progress: bool = True) -> dict:
             "model.parameters": str(count_parameters(trainer.model)),
             "dvc.data_md5.train": file_md5(split_path(params, "train")),
             "dvc.data_md5.test": file_md5(split_path(params, "test")),
+            "train.world_size": str(dist.world_size),
         }
     )
 
@@ -65,13 +86,15 @@ def run(params: Params, progress: bool = True) -> dict:
             plt.close("all")
 
     try:
-        result = trainer.fit(on_log=on_log)
+        result = trainer.fit(on_log=on_log if dist.is_main else None)
     except TrainingInterrupted:
         tracker.close("KILLED")
         raise
     except BaseException:
         tracker.close("FAILED")
         raise
+    if not dist.is_main:
+        return {}  # rank 0 writes the outputs and closes the MLflow run
 
     model_path = Path(params.paths.model)
     atomic_save(
