@@ -1,0 +1,25 @@
+"""The benchmark runs on a tiny config and prints its lines (it is not a timed test)."""
+
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import tiny_params_dict
+
+
+def test_bench_prints_every_line(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "bench", "--params", str(params), "--iters", "2",
+         "--gen-samples", "8", "--gen-steps", "3", "--set", "langevin.precision=bf16"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for needle in ("eager fp32 reference:", "project trainer:", "matmul", "generate: 8 samples x 3 Langevin steps",
+                   "peak memory:"):
+        assert needle in out, out
+    speedup = [line for line in out.splitlines() if line.startswith("speedup: ")]
+    assert len(speedup) == 1 and speedup[0].endswith("x") and float(speedup[0][9:-1]) > 0
