@@ -122,8 +122,12 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 # ------------------------------------------------------------------ tags
 
 
-def git_tags(where: Path) -> dict[str, str]:
-    """The commit of the code that runs, and whether tracked files differ from it."""
+def git_tags(where: Path, generated: tuple[str, ...] = ()) -> dict[str, str]:
+    """The commit of the code that runs, and whether tracked files differ from it.
+
+    Changes to ``generated`` paths (dvc.lock and the pipeline's own outputs, which a running
+    ``dvc repro`` rewrites stage by stage) do not make the tree dirty: only code and params do.
+    """
 
     def git(*args: str) -> str | None:
         try:
@@ -133,7 +137,8 @@ def git_tags(where: Path) -> dict[str, str]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
+    excluded = [f":(exclude){p}" for p in ("dvc.lock", *generated)]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     tags = {"git.commit": commit or "unknown"}
     if commit:
         tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
@@ -385,17 +390,20 @@ def _experiment_id(client: Any, name: str, uri: str) -> str:
         return experiment.experiment_id
 
 
-def start_run(cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None = None):
+def start_run(
+    cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None = None, generated: tuple[str, ...] = ()
+):
     """A new run in ``cfg.experiment``, or a NullTracker when tracking is disabled.
 
-    Inside ``dvc exp run`` the run is named after the DVC experiment.
+    Inside ``dvc exp run`` the run is named after the DVC experiment. ``generated`` lists the
+    pipeline's output paths, whose changes do not count towards ``git.dirty``.
     """
     if not cfg.enabled:
         return NullTracker()
     uri = tracking_uri()
     client = _client(uri)
     exp_tags = dvc_experiment_tags()
-    all_tags = {**git_tags(Path.cwd()), **exp_tags, **(tags or {})}
+    all_tags = {**git_tags(Path.cwd(), generated), **exp_tags, **(tags or {})}
     try:
         experiment_id = _experiment_id(client, cfg.experiment, uri)
         run = client.create_run(experiment_id, run_name=exp_tags.get("dvc.exp_name", run_name), tags=all_tags)

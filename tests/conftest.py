@@ -92,6 +92,9 @@ def make_repo(dest: Path, overrides: dict | None = None) -> Path:
             shutil.copy2(src, dest / rel)
     write_params(dest / "params.yaml", overrides)
     run(["git", "init", "-q"], dest)
+    # A local identity: `dvc exp run` commits experiments, and a fresh machine may have no global one.
+    run(["git", "config", "user.email", "tests@example.com"], dest)
+    run(["git", "config", "user.name", "tests"], dest)
     run([*GIT, "add", "-A"], dest)
     run([*GIT, "commit", "-qm", "tiny"], dest)
     return dest

@@ -186,3 +186,22 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
 def test_atomic_save_leaves_no_temporary_files(tmp_path):
     atomic_save({"format": "x", "v": torch.ones(3)}, tmp_path / "a.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]
+
+
+def test_servers_bind_to_loopback():
+    """The MLflow UI and the Prefect server that the Makefile starts listen on 127.0.0.1 only."""
+    import re
+    import shutil
+
+    from tests.conftest import ROOT
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for target, program in (("ui", "mlflow ui"), ("serve", "prefect server start")):
+        dry = subprocess.run(["make", "-n", "-o", "setup", target], cwd=ROOT, capture_output=True, text=True, check=True)
+        joined = re.sub(r"\\\n", " ", dry.stdout)  # one line per command, continuations joined
+        commands = [line for line in joined.splitlines() if program in line]
+        assert commands, dry.stdout
+        for line in commands:
+            hosts = re.findall(r"--host[= ]+\"?([^\s\"]+)", line)
+            assert hosts == ["127.0.0.1"], line
