@@ -205,3 +205,29 @@ def test_servers_bind_to_loopback():
         for line in commands:
             hosts = re.findall(r"--host[= ]+\"?([^\s\"]+)", line)
             assert hosts == ["127.0.0.1"], line
+
+
+@pytest.mark.slow
+def test_dvc_repro_after_sigkill_resumes_and_matches(reference, tmp_path):
+    """The persist: true checkpoint folder survives DVC's clean-up, so a second `dvc repro` resumes."""
+    from tests.conftest import make_repo, run
+
+    root, expected = reference
+    repo = make_repo(tmp_path / "repo", SLOW)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while _checkpoint_step(repo) < 7:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the training process with it
+    proc.wait(timeout=60)
+    killed_at = _checkpoint_step(repo)
+    assert 0 < killed_at < 8 * (128 // 16)
+    out = run(["dvc", "repro"], repo, env={"OMP_NUM_THREADS": "1"}).stdout  # same threads, same chain groups
+    assert "resuming from step" in out
+    assert _max_diff(_weights(repo), expected) <= 1e-6
