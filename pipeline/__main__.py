@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
+    from pipeline.distributed import DistributedError
     from pipeline.tracking import TrackingError
     from pipeline.train import TrainingDiverged, TrainingInterrupted
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + exc.signum
-    except (DataError, CheckpointError, TrackingError, TrainingDiverged) as exc:
+    except (DataError, CheckpointError, TrackingError, TrainingDiverged, DistributedError) as exc:
         print(exc, file=sys.stderr)
         return 1
     return 0

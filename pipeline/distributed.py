@@ -45,6 +45,10 @@ MAX_KEYS = ("max_abs_score",)
 RANK_KEYS = ("buffer", "rng")
 
 
+
+class DistributedError(RuntimeError):
+    """A distributed set-up problem (inconsistent ranks, unsupported device), worded as one line."""
+
 class Dist:
     """This process's place in the run: world size, rank, local rank, and the collectives.
 
@@ -165,7 +169,7 @@ class Dist:
         torch.distributed.all_gather_object(values, value)
         differ = [r for r, v in enumerate(values) if v != values[0]]
         if differ:
-            raise RuntimeError(f"distributed: {what} differ between rank 0 and rank(s) {differ}")
+            raise DistributedError(f"distributed: {what} differ between rank 0 and rank(s) {differ}")
 
     def share_state(self, read: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
         """A checkpoint read on rank 0, with this rank's own RANK_KEYS entries at the top level.
@@ -232,7 +236,7 @@ def init(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
     if not launched_by_torchrun():
         return SINGLE, device
     if not torch.distributed.is_available():
-        raise RuntimeError("distributed: this PyTorch build has no torch.distributed; run a single process")
+        raise DistributedError("distributed: this PyTorch build has no torch.distributed; run a single process")
     world_size, rank, local_rank = (int(os.environ[v]) for v in ENV_VARS)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -241,7 +245,7 @@ def init(runtime: RuntimeConfig) -> tuple[Dist, torch.device]:
     elif device.type == "cpu":
         backend = "gloo"
     else:
-        raise RuntimeError(
+        raise DistributedError(
             f"distributed: runtime.device={runtime.device} is not supported under torchrun; use cuda or cpu"
         )
     if not torch.distributed.is_initialized():

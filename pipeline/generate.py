@@ -7,9 +7,8 @@ from tqdm.auto import tqdm
 
 from pipeline.buffer import uniform_noise
 from pipeline.config import GenerateConfig, LangevinConfig
-from pipeline.langevin import langevin, score_in_precision
+from pipeline.langevin import sample, score_in_precision
 from pipeline.model import IMAGE_SHAPE, frozen
-from pipeline.runtime import chain_workers
 
 
 def generate_samples(
@@ -34,15 +33,12 @@ def generate_samples(
     with frozen(model):
         for start, n in batches:
             x0 = uniform_noise(n, IMAGE_SHAPE, device=device, generator=generator)
-            x, snaps = langevin(
+            x, snaps = sample(
                 score_fn,
                 x0,
+                langevin_cfg,
                 steps=cfg.steps,
-                step_size=langevin_cfg.step_size,
-                noise=langevin_cfg.noise,
-                grad_clip=langevin_cfg.grad_clip,
                 generator=generator,
-                workers=chain_workers(langevin_cfg.workers, device),
                 record_at=cfg.chain_steps if start == 0 else (),
                 progress=lambda _step: bar.update(1),
             )

@@ -11,6 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from pipeline.config import LangevinConfig
+from pipeline.runtime import chain_workers
+
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -69,6 +72,31 @@ def langevin(
     x = torch.cat([r[0] for r in results])
     snapshots = {k: torch.cat([r[1][k] for r in results]) for k in results[0][1]}
     return x, snapshots
+
+
+def sample(
+    score_fn: ScoreFn,
+    x0: torch.Tensor,
+    cfg: LangevinConfig,
+    *,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+    record_at: Iterable[int] = (),
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``langevin`` with the step size, noise, clip and workers of a ``langevin`` params section."""
+    return langevin(
+        score_fn,
+        x0,
+        steps=cfg.steps if steps is None else steps,
+        step_size=cfg.step_size,
+        noise=cfg.noise,
+        grad_clip=cfg.grad_clip,
+        generator=generator,
+        record_at=record_at,
+        progress=progress,
+        workers=chain_workers(cfg.workers, x0.device),
+    )
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

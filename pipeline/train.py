@@ -30,9 +30,8 @@ from pipeline.buffer import ReplayBuffer
 from pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, rng_state, safe_load, set_rng_state
 from pipeline.config import LangevinConfig, Params, TrainConfig
 from pipeline.distributed import SINGLE, Dist
-from pipeline.langevin import langevin, score_in_precision
+from pipeline.langevin import sample, score_in_precision
 from pipeline.losses import contrastive_divergence
-from pipeline.runtime import chain_workers
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
 
 LOGGED = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
@@ -75,16 +74,7 @@ def cd_step(
     if sync is not None:
         sync()  # a low-precision copy of the weights follows the last optimizer step
     with frozen(model):  # important: Langevin must not touch the weights' gradients
-        fake, _ = langevin(
-            score_fn,
-            x0,
-            steps=langevin_cfg.steps,
-            step_size=langevin_cfg.step_size,
-            noise=langevin_cfg.noise,
-            grad_clip=langevin_cfg.grad_clip,
-            generator=generator,
-            workers=chain_workers(langevin_cfg.workers, real.device),
-        )
+        fake, _ = sample(score_fn, x0, langevin_cfg, generator=generator)
     buffer.push(fake)
     scores = model(torch.cat([real, fake]))  # (2n,): split by count, never by halves of a short batch
     real_scores, fake_scores = scores[:n], scores[n:]

@@ -7,6 +7,7 @@ talks to MLflow and writes the outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -51,7 +52,11 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
         run_id = Trainer.checkpoint_run_id(checkpoint) if resumed else None
         if run_id:
             return tracking.resume_run(params.tracking, run_id, params.flat())
-        return tracking.start_run(params.tracking, run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}")
+        return tracking.start_run(
+            params.tracking,
+            run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
+            generated=tuple(dataclasses.asdict(params.paths).values()),
+        )
 
     tracker = dist.on_main(open_run) or tracking.NullTracker()  # only rank 0 talks to MLflow
     trainer.tracker = tracker
