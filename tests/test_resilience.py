@@ -16,11 +16,13 @@ from pipeline.train import Trainer, TrainingDiverged, cd_step
 from pipeline.tracking import NullTracker
 from tests.conftest import tiny_params_dict, write_params
 
-# Long enough (about 60 steps) to be killed in the middle, still a few seconds in all.
+# Long enough (128 steps) to be killed in the middle, still a few seconds in all.
+EPOCHS = 16
+TOTAL_STEPS = EPOCHS * (128 // 16)
 SLOW = {
     "data": {"limit": 128},
     "langevin": {"steps": 10},
-    "train": {"epochs": 8, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "sample_every": 0},
+    "train": {"epochs": EPOCHS, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "sample_every": 0},
     "tracking": {"enabled": False},
 }
 
@@ -94,7 +96,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
     proc = _interrupt_midway(cwd, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     step = _checkpoint_step(cwd)
-    total = 8 * (128 // 16)
+    total = TOTAL_STEPS
     assert 0 < step < total, step  # killed in the middle, with a checkpoint to resume from
     assert not (cwd / "models" / "ebm.pt").exists()
     _run_stage("train", cwd)  # what `dvc repro` runs again
@@ -227,7 +229,7 @@ def test_dvc_repro_after_sigkill_resumes_and_matches(reference, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the training process with it
     proc.wait(timeout=60)
     killed_at = _checkpoint_step(repo)
-    assert 0 < killed_at < 8 * (128 // 16)
+    assert 0 < killed_at < TOTAL_STEPS
     out = run(["dvc", "repro"], repo, env={"OMP_NUM_THREADS": "1"}).stdout  # same threads, same chain groups
     assert "resuming from step" in out
     assert _max_diff(_weights(repo), expected) <= 1e-6
