@@ -80,6 +80,16 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, 
     return proc
 
 
+def copy_prepared(src: Path, dest: Path, overrides: dict | None = None) -> Path:
+    """A new working folder ``dest`` with a tiny params.yaml and the prepared data of ``src``."""
+    dest.mkdir()
+    write_params(dest / "params.yaml", overrides)
+    (dest / "data" / "prepared").mkdir(parents=True)
+    for f in (src / "data" / "prepared").iterdir():
+        (dest / "data" / "prepared" / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
 GIT = ["git", "-c", "user.email=tests@example.com", "-c", "user.name=tests"]
 
 

@@ -21,7 +21,7 @@ import torch
 
 from pipeline.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT, CheckpointError, safe_load
 from pipeline.distributed import DEBUG_STATS_ENV, ENV_VARS, Dist
-from tests.conftest import BIN, write_params
+from tests.conftest import BIN, copy_prepared, write_params
 
 WORLD = 2
 DIST = {
@@ -125,12 +125,7 @@ def _weights(cwd: Path) -> dict[str, torch.Tensor]:
 
 
 def _copy_prepared(src: Path, dest: Path) -> Path:
-    dest.mkdir()
-    write_params(dest / "params.yaml", DIST)
-    (dest / "data" / "prepared").mkdir(parents=True)
-    for f in (src / "data" / "prepared").iterdir():
-        (dest / "data" / "prepared" / f.name).write_bytes(f.read_bytes())
-    return dest
+    return copy_prepared(src, dest, DIST)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, MODEL_FORMAT
 from pipeline.config import parse_params
 from pipeline.train import Trainer, TrainingDiverged, cd_step
 from pipeline.tracking import NullTracker
-from tests.conftest import tiny_params_dict, write_params
+from tests.conftest import copy_prepared, tiny_params_dict, write_params
 
 # Long enough (128 steps) to be killed in the middle, still a few seconds in all.
 EPOCHS = 16
@@ -70,12 +70,7 @@ def reference(tmp_path_factory):
 
 
 def _fresh_copy(reference_root: Path, dest: Path) -> Path:
-    dest.mkdir()
-    write_params(dest / "params.yaml", SLOW)
-    (dest / "data" / "prepared").mkdir(parents=True)
-    for f in (reference_root / "data" / "prepared").iterdir():
-        (dest / "data" / "prepared" / f.name).write_bytes(f.read_bytes())
-    return dest
+    return copy_prepared(reference_root, dest, SLOW)
 
 
 def _interrupt_midway(cwd: Path, sig: int, at_least: int = 7) -> subprocess.Popen:
