@@ -15,12 +15,16 @@ STAGES = ("prepare", "train_classifier", "train", "generate", "evaluate")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # `flow` and `bench` have options of their own (and their own --help): hand them the rest.
-    sub = bool(argv) and argv[0] in ("flow", "bench")
+    # `flow`, `bench` and `compare` have options of their own (and their own --help): hand them the rest.
+    sub = bool(argv) and argv[0] in ("flow", "bench", "compare")
     parser = argparse.ArgumentParser(
         prog="python -m pipeline", description=__doc__.splitlines()[0], add_help=not sub
     )
-    parser.add_argument("command", choices=(*STAGES, "flow", "bench"), help="a DVC stage, the Prefect flow, or the benchmark")
+    parser.add_argument(
+        "command",
+        choices=(*STAGES, "flow", "bench", "compare"),
+        help="a DVC stage, the Prefect flow, the benchmark, or the recipe comparison",
+    )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if sub:
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.bench import main as bench_main
 
             return bench_main(params, extra)
+        elif args.command == "compare":
+            from pipeline.compare import main as compare_main
+
+            return compare_main(extra, params_path=args.params)
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + exc.signum

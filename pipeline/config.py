@@ -129,6 +129,9 @@ class TrainConfig:
     alpha: float = 0.1  # weight of the score-magnitude regulariser
     real_noise: float = 0.005  # std of the noise added to real images
     weight_grad_clip: float = 0.0  # max norm of the weight gradient; 0 disables it
+    lr_schedule: str = "constant"  # constant | cosine (from lr down to lr * lr_final_factor at the last step)
+    lr_final_factor: float = 0.1
+    ema_decay: float = 0.0  # exponential moving average of the weights, used for sampling; 0 disables it
     log_every: int = 10
     sample_every: int = 200  # steps between buffer-sample grids in MLflow; 0 disables them
     checkpoint_every: int = 100
@@ -149,6 +152,12 @@ class TrainConfig:
         for name in ("alpha", "real_noise", "weight_grad_clip"):
             if getattr(self, name) < 0:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "a number >= 0")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise _allowed(f"{section}.lr_schedule", self.lr_schedule, "one of constant, cosine")
+        if not 0.0 < self.lr_final_factor <= 1.0:
+            raise _allowed(f"{section}.lr_final_factor", self.lr_final_factor, "a number in (0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise _allowed(f"{section}.ema_decay", self.ema_decay, "a number in [0, 1) (0 = off)")
         if self.sample_every < 0 or (self.sample_every and self.sample_every % self.log_every):
             raise _allowed(
                 f"{section}.sample_every", self.sample_every, f"0 (off) or a multiple of train.log_every ({self.log_every})"

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,14 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline.__main__ import STAGES  # noqa: E402
-from pipeline.config import ConfigError, Params, load_params, with_overrides  # noqa: E402
+from pipeline.config import ConfigError, Params, load_params  # noqa: E402
+from pipeline.experiments import (  # noqa: E402
+    check_overrides,
+    command_env,
+    experiment_copy_paths,
+    experiment_results,
+    parse_set,
+)
 
 FLOW_NAME = "ebm-pipeline"
 ARTIFACT_KEY = "ebm-pipeline-report"
@@ -74,56 +81,6 @@ class StageFailed(RuntimeError):
 # ------------------------------------------------------------------ overrides
 
 
-def _parse_value(raw: str) -> Any:
-    """A value as ``dvc exp run -S`` reads it (Hydra's override grammar, which DVC uses)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
-    try:
-        return OverridesParser.create().parse_overrides([f"x={raw}"])[0].value()
-    except OverrideParseException:
-        raise ConfigError(f"params: cannot parse the value {raw!r} (DVC's -S / Hydra override syntax)") from None
-
-
-def _format_value(value: Any) -> str:
-    """``value`` written so that ``dvc exp run -S`` reads it back unchanged."""
-    if isinstance(value, str) and value.strip() and _safe_parse(value) == value:
-        return value
-    text = json.dumps(value)
-    if _safe_parse(text) != value:
-        raise ConfigError(f"params: the value {value!r} cannot be passed to dvc exp run -S")
-    return text
-
-
-def _safe_parse(raw: str) -> Any:
-    try:
-        return _parse_value(raw)
-    except ConfigError:
-        return object()  # equal to nothing
-
-
-def parse_set(items: list[str]) -> dict[str, str]:
-    """``["train.alpha=0.2", ...]`` (the ``--set`` flags) -> ``{"train.alpha": "0.2", ...}``."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"params: --set expects KEY=VALUE (e.g. train.alpha=0.2), got {item!r}")
-        out[key.strip()] = raw
-    return out
-
-
-def check_overrides(params: Params, overrides: dict[str, Any]) -> tuple[Params, list[str]]:
-    """Validate overrides against the config; return the new params and the ``-S`` arguments.
-
-    String values are read like ``-S`` reads them (``"1e-4"`` is a number), so a flow
-    parameter from the UI and a ``--set`` flag mean the same. Raises ``ConfigError``.
-    """
-    values = {k: _parse_value(v) if isinstance(v, str) else v for k, v in overrides.items()}
-    new = with_overrides(params, values)
-    return new, [f"{k}={_format_value(v)}" for k, v in values.items()]
-
-
 # ------------------------------------------------------------------ running DVC
 
 
@@ -132,17 +89,6 @@ class CommandResult:
     returncode: int
     lines: list[str] = field(default_factory=list)  # stdout and stderr, in arrival order
     stderr_tail: list[str] = field(default_factory=list)
-
-
-def command_env() -> dict[str, str]:
-    """The environment of DVC and its stages: this interpreter's bin directory first on PATH."""
-    bin_dir = str(Path(sys.executable).parent)
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-        "PYTHONUNBUFFERED": "1",  # stream stage output as it comes
-        "DVC_NO_ANALYTICS": "1",
-    }
 
 
 def run_command(args: list[str], cwd: str | Path, on_line: Callable[[str], None] | None = None) -> CommandResult:
@@ -272,35 +218,6 @@ def run_experiment(repo_dir: str, set_args: list[str], name: str | None, copy_pa
     return {"name": found[-1] if found else name, "stages": statuses}
 
 
-def experiment_copy_paths(repo: Path, params: Params) -> list[str]:
-    """Workspace outputs that git does not hold, to copy into the experiment's temporary copy.
-
-    ``dvc exp run --temp`` starts from the last commit (plus uncommitted changes to tracked
-    files): cached outputs are checked out from the DVC cache, but uncached ones that are not
-    committed (yet), like the persistent checkpoints, would be missing and their stages would
-    re-run (the model would be re-trained for a change in ``generate``). Copying them, and an
-    untracked dvc.lock, makes the experiment start from the workspace.
-    """
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True, check=False)
-    tracked = set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else set()
-    tracked_dirs = {str(Path(f).parents[i].as_posix()) for f in tracked for i in range(len(Path(f).parents) - 1)}
-    chosen: list[str] = []
-    for raw in asdict(params.paths).values():
-        parts = Path(raw).parts
-        if not parts or Path(raw).is_absolute() or ".." in parts:
-            continue
-        for i in range(len(parts)):
-            prefix = Path(*parts[: i + 1]).as_posix()
-            if prefix not in tracked_dirs:
-                if prefix not in tracked and (repo / prefix).exists():
-                    chosen.append(prefix)
-                break
-    if (repo / "dvc.lock").is_file() and "dvc.lock" not in tracked:
-        chosen.append("dvc.lock")
-    unique = sorted(set(chosen))
-    return [p for p in unique if not any(p.startswith(q + "/") for q in unique if q != p)]
-
-
 # ------------------------------------------------------------------ the report
 
 
@@ -334,48 +251,6 @@ def workspace_results(repo: Path, params: Params) -> tuple[dict[str, Any], str |
         except (OSError, ValueError, AttributeError):
             run_id = None
     return metrics, run_id
-
-
-def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
-    """Metrics as ``dvc exp show`` lists them for experiment ``name``, its MLflow run id and commit."""
-    shown = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
-        cwd=repo,
-        env=command_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    try:
-        rows = json.loads(shown.stdout) if shown.returncode == 0 else []
-    except ValueError:
-        rows = []
-    for baseline in rows:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("name") != name:
-                    continue
-                prefix = Path(params.paths.metrics_dir).as_posix().rstrip("/") + "/"
-                metrics = {
-                    path: entry.get("data", {"error": "not in the experiment commit"})
-                    for path, entry in ((rev.get("data") or {}).get("metrics") or {}).items()
-                    if path.startswith(prefix)
-                }
-                shown_info = subprocess.run(
-                    ["git", "show", f"{rev['rev']}:{Path(params.paths.run_info).as_posix()}"],
-                    cwd=repo,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                run_id = None
-                if shown_info.returncode == 0:
-                    try:
-                        run_id = json.loads(shown_info.stdout).get("run_id")
-                    except (ValueError, AttributeError):
-                        run_id = None
-                return metrics, run_id, rev["rev"]
-    return {}, None, None
 
 
 def report_markdown(

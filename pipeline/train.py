@@ -155,7 +155,33 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.rollbacks = 0
         self.lr_scale = 1.0
+        # The weights generation samples with: an exponential moving average of the trained ones, or those.
+        self.ema = EnergyNet.from_config(params.model).to(device) if self.cfg.ema_decay > 0 else None
+        if self.ema is not None:
+            self.ema.load_state_dict(self.model.state_dict())
+            self.ema.requires_grad_(False)
         self._signal: int | None = None
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of ``step`` (0-based): the schedule times the rollback factor."""
+        lr = self.cfg.lr * self.lr_scale
+        if self.cfg.lr_schedule == "cosine" and self.total_steps > 1:
+            final = self.cfg.lr_final_factor
+            lr *= final + (1 - final) * 0.5 * (1 + math.cos(math.pi * step / (self.total_steps - 1)))
+        return lr
+
+    @torch.no_grad()
+    def update_ema(self, step: int) -> None:
+        """ema <- d ema + (1 - d) weights, with d warming up as (1 + step) / (10 + step) towards ema_decay."""
+        if self.ema is None:
+            return
+        decay = min(self.cfg.ema_decay, (1 + step) / (10 + step))
+        ema, live = list(self.ema.parameters()), list(self.model.parameters())
+        torch._foreach_lerp_(ema, live, 1.0 - decay)
+
+    def sampling_model(self) -> EnergyNet:
+        """The network generation and evaluation use: the EMA when ``train.ema_decay`` > 0."""
+        return self.ema if self.ema is not None else self.model
 
     # ------------------------------------------------------------ checkpoints
 
@@ -165,6 +191,7 @@ class Trainer:
             "fingerprint": self.fingerprint,
             "step": self.step,
             "model": self.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "buffer": self.buffer.state_dict(),
             "rng": rng_state({"train": self.generator}),
@@ -185,6 +212,8 @@ class Trainer:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
         if state["rng"] is not None:
@@ -255,15 +284,13 @@ class Trainer:
             raise CheckpointError(f"train: no checkpoint of this run at {self.checkpoint_path} to roll back to")
         self.load_state(state)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * self.lr_scale
         message = (
             f"train: divergence at step {step} ({detail}); rolled back to step {self.step}, "
-            f"lr now {self.cfg.lr * self.lr_scale:.3g} (rollback {self.rollbacks}/{self.cfg.max_rollbacks})"
+            f"lr now {self.lr_at(self.step):.3g} (rollback {self.rollbacks}/{self.cfg.max_rollbacks})"
         )
         if self.dist.is_main:
             tqdm.write(message, file=sys.stderr)
-        self.tracker.log_metrics({"rollback": float(self.rollbacks), "lr": self.cfg.lr * self.lr_scale}, step=step)
+        self.tracker.log_metrics({"rollback": float(self.rollbacks), "lr": self.lr_at(self.step)}, step=step)
         self.tracker.set_tags({f"rollback.{self.rollbacks}": message})
         self.save_checkpoint()  # the lowered lr and the rollback count survive a later kill
 
@@ -271,8 +298,6 @@ class Trainer:
         resumed_from = self.step
         if self.step == 0 and not self.dist.on_main(self.checkpoint_path.is_file, share=True):
             self.save_checkpoint()  # a rollback target exists from the first step on
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.cfg.lr * self.lr_scale
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         start = time.perf_counter()
         bar = tqdm(
@@ -281,6 +306,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 step = self.step
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.lr_at(step)
                 stats = self.step_fn(
                     self.step_model,
                     self.optimizer,
@@ -307,10 +334,11 @@ class Trainer:
                         continue
                 elif self.dist.enabled:
                     stop = False  # ranks act on a signal only where they have agreed on it
+                self.update_ema(step)
                 self.step = done
                 bar.update(1)
                 if is_log:
-                    row = {"step": done, **{k: values[k] for k in LOGGED if k in values}}
+                    row = {"step": done, **{k: values[k] for k in LOGGED if k in values}, "lr": self.lr_at(step)}
                     row["buffer_fill"] = float(len(self.buffer))
                     self.history.append(row)
                     self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
@@ -327,7 +355,7 @@ class Trainer:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return TrainResult(
-            model=self.model,
+            model=self.sampling_model(),
             history=self.history,
             steps=self.step,
             seconds=time.perf_counter() - start,

@@ -105,7 +105,10 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
     atomic_save(
         {
             "format": MODEL_FORMAT,
+            # The weights to sample with: the moving average when train.ema_decay > 0, else the trained ones.
             "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+            "ema": trainer.ema is not None,
+            "trained_model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
             "model_config": {"channels": list(params.model.channels), "hidden": params.model.hidden},
             "params": params.flat(),
             "steps": result.steps,

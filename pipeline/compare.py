@@ -1,0 +1,216 @@
+"""Recipes side by side: each recipe x seed is one DVC experiment (and one MLflow run), then a table.
+
+``python -m pipeline compare --recipes default book --seeds 0 1 2`` runs, for every pair,
+``dvc exp run --temp --name <recipe>-seed<k> -S ...`` with the recipe's params (``default`` is
+params.yaml as it is; any other name is ``presets/<name>.yaml``, a partial params file) and
+``train.seed = generate.seed = k``. The workspace's params.yaml and outputs are not touched; each
+experiment is listed by ``dvc exp show`` and is an MLflow run named after it, so the runs can be
+compared in the MLflow UI. It then writes, under ``--out`` (default ``results/``):
+
+- ``compare.json``: one row per run (metrics, training time, MLflow run id, experiment commit);
+- ``compare.md``: the table recipe x seed -> FID, confidence, coverage, training time, with
+  per-recipe means and the real-versus-real FID floor;
+- ``samples-<recipe>-seed<k>.png`` (the run's sample grid) and ``compare.png`` (seed 0 of each
+  recipe side by side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.experiments import check_overrides, command_env, experiment_copy_paths, experiment_results
+
+PRESETS_DIR = "presets"
+DEFAULT = "default"
+COLUMNS = (  # (metrics file, key, column title, format)
+    ("evaluate.json", "fid", "FID ↓", "{:.1f}"),
+    ("evaluate.json", "confident_share", "confident ↑", "{:.3f}"),
+    ("evaluate.json", "coverage_entropy", "coverage ↑", "{:.3f}"),
+    ("train.json", "train_seconds", "train s", "{:.0f}"),
+    ("train.json", "steps", "train steps", "{:.0f}"),
+)
+
+
+class CompareError(RuntimeError):
+    """A recipe cannot be read or an experiment failed."""
+
+
+def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_overrides(repo: Path, name: str) -> dict[str, Any]:
+    """``{"section.key": value}`` of a recipe: nothing for ``default``, else ``presets/<name>.yaml``."""
+    if name == DEFAULT:
+        return {}
+    path = repo / PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (repo / PRESETS_DIR).glob("*.yaml"))
+        raise CompareError(f"compare: no recipe {name!r}: {path} not found (known: {', '.join([DEFAULT, *known])})")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise CompareError(f"compare: {path} must map params sections to values")
+    return flatten(raw)
+
+
+def plan(repo: Path, params: Params, recipes: list[str], seeds: list[int]) -> list[tuple[str, int, list[str]]]:
+    """(recipe, seed, ``-S`` arguments) for every run, each validated against the config first."""
+    runs = []
+    for recipe in recipes:
+        base = recipe_overrides(repo, recipe)
+        for seed in seeds:
+            overrides = {**base, "train.seed": seed, "generate.seed": seed}
+            try:
+                _, set_args = check_overrides(params, overrides)
+            except ConfigError as exc:
+                raise CompareError(f"compare: recipe {recipe!r}: {exc}") from None
+            runs.append((recipe, seed, set_args))
+    return runs
+
+
+def run_experiment(repo: Path, params: Params, name: str, set_args: list[str]) -> None:
+    """``dvc exp run --temp`` for one recipe and seed, its output shown as it runs."""
+    subprocess.run(  # an earlier experiment of this name on this commit is replaced
+        [sys.executable, "-m", "dvc", "exp", "remove", name],
+        cwd=repo, env=command_env(), capture_output=True, check=False,
+    )
+    args = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name]
+    for item in set_args:
+        args += ["--set-param", item]
+    for path in experiment_copy_paths(repo, params):
+        args += ["--copy-paths", path]
+    if subprocess.run(args, cwd=repo, env=command_env(), check=False).returncode != 0:
+        raise CompareError(f"compare: experiment {name} failed (dvc exp run {' '.join(set_args)})")
+
+
+def collect(repo: Path, params: Params, recipe: str, seed: int, name: str, out: Path) -> dict[str, Any]:
+    """The experiment's metrics, MLflow run id and commit; its sample grid copied to ``out``."""
+    metrics, run_id, rev = experiment_results(repo, params, name)
+    if rev is None:
+        raise CompareError(f"compare: experiment {name} is not listed by dvc exp show")
+    values: dict[str, Any] = {}
+    for file, key, *_ in COLUMNS:
+        data = metrics.get(f"{Path(params.paths.metrics_dir).as_posix()}/{file}", {})
+        values[key] = data.get(key)
+    values["fid_real_floor"] = metrics.get(f"{Path(params.paths.metrics_dir).as_posix()}/evaluate.json", {}).get(
+        "fid_real_floor"
+    )
+    grid = subprocess.run(
+        ["git", "show", f"{rev}:{Path(params.paths.samples_dir, 'samples.png').as_posix()}"],
+        cwd=repo, capture_output=True, check=False,
+    )
+    image = None
+    if grid.returncode == 0:
+        image = out / f"samples-{name}.png"
+        image.write_bytes(grid.stdout)
+    return {
+        "recipe": recipe, "seed": seed, "experiment": name, "rev": rev, "mlflow_run_id": run_id,
+        "samples": image.name if image else None, **values,
+    }
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """recipe x seed table, then mean ± sd per recipe, then the FID floor."""
+    head = ["recipe", "seed", *[c[2] for c in COLUMNS]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["recipe"], str(r["seed"])]
+        cells += ["–" if r.get(key) is None else fmt.format(r[key]) for _, key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    lines += ["", "| recipe (mean ± sd over seeds) | runs | " + " | ".join(c[2] for c in COLUMNS) + " |"]
+    lines.append("|" + "---|" * (len(COLUMNS) + 2))
+    for recipe in recipes:
+        mine = [r for r in rows if r["recipe"] == recipe]
+        cells = [recipe, str(len(mine))]
+        for _, key, _, fmt in COLUMNS:
+            vals = [float(r[key]) for r in mine if r.get(key) is not None]
+            if not vals:
+                cells.append("–")
+                continue
+            mean, sd = _mean_sd(vals)
+            cells.append(f"{fmt.format(mean)} ± {fmt.format(sd)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    floors = [float(r["fid_real_floor"]) for r in rows if r.get("fid_real_floor") is not None]
+    if floors:
+        lines += ["", f"Real-versus-real FID floor (train subset vs test, same N): {statistics.fmean(floors):.1f}."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict[str, Any]], out: Path, path: Path) -> None:
+    """The sample grid of each recipe's first seed, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    firsts: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("samples") and r["recipe"] not in firsts:
+            firsts[r["recipe"]] = r
+    if not firsts:
+        return
+    fig, axes = plt.subplots(1, len(firsts), figsize=(5.2 * len(firsts), 5.6), squeeze=False)
+    for ax, (recipe, r) in zip(axes[0], firsts.items()):
+        ax.imshow(plt.imread(out / r["samples"]))
+        fid = "–" if r.get("fid") is None else f"{r['fid']:.1f}"
+        ax.set_title(f"{recipe} (seed {r['seed']}): FID {fid}")
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict[str, Any]], out: Path) -> None:
+    (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "compare.md").write_text(markdown(rows))
+    figure(rows, out, out / "compare.png")
+
+
+def main(argv: list[str] | None = None, params_path: str = "params.yaml") -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=[DEFAULT, "book"], help="default and/or presets/<name>.yaml")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="results", help="folder for the table, the JSON and the figures")
+    args = parser.parse_args(argv)
+    repo = Path.cwd()
+    try:
+        params = load_params(params_path)
+        runs = plan(repo, params, args.recipes, args.seeds)  # every recipe checked before anything runs
+        out = repo / args.out
+        out.mkdir(parents=True, exist_ok=True)
+        rows: list[dict[str, Any]] = []
+        for i, (recipe, seed, set_args) in enumerate(runs, 1):
+            name = f"{recipe}-seed{seed}"
+            print(f"compare: [{i}/{len(runs)}] {name}: dvc exp run --temp {' '.join(set_args)}", flush=True)
+            start = time.perf_counter()
+            run_experiment(repo, params, name, set_args)
+            rows.append(collect(repo, params, recipe, seed, name, out))
+            write_results(rows, out)  # a partial table survives a later failure
+            print(f"compare: {name} done in {time.perf_counter() - start:.0f}s", flush=True)
+    except (CompareError, ConfigError) as exc:
+        print(exc, file=sys.stderr)
+        return 1 if isinstance(exc, CompareError) else 2
+    print(markdown(rows), end="")
+    print(f"compare: results in {out}")
+    return 0

@@ -1,0 +1,148 @@
+"""DVC experiments from Python: ``-S`` values, the environment of DVC commands, results of a run.
+
+Shared by the Prefect flow (``pipeline/flows.py``) and the recipe comparison (``pipeline/compare.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, Params, with_overrides
+
+
+def parse_value(raw: str) -> Any:
+    """A value as ``dvc exp run -S`` reads it (Hydra's override grammar, which DVC uses)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    try:
+        return OverridesParser.create().parse_overrides([f"x={raw}"])[0].value()
+    except OverrideParseException:
+        raise ConfigError(f"params: cannot parse the value {raw!r} (DVC's -S / Hydra override syntax)") from None
+
+
+def format_value(value: Any) -> str:
+    """``value`` written so that ``dvc exp run -S`` reads it back unchanged."""
+    if isinstance(value, str) and value.strip() and _safe_parse(value) == value:
+        return value
+    text = json.dumps(value)
+    if _safe_parse(text) != value:
+        raise ConfigError(f"params: the value {value!r} cannot be passed to dvc exp run -S")
+    return text
+
+
+def _safe_parse(raw: str) -> Any:
+    try:
+        return parse_value(raw)
+    except ConfigError:
+        return object()  # equal to nothing
+
+
+def parse_set(items: list[str]) -> dict[str, str]:
+    """``["train.alpha=0.2", ...]`` (the ``--set`` flags) -> ``{"train.alpha": "0.2", ...}``."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"params: --set expects KEY=VALUE (e.g. train.alpha=0.2), got {item!r}")
+        out[key.strip()] = raw
+    return out
+
+
+def check_overrides(params: Params, overrides: dict[str, Any]) -> tuple[Params, list[str]]:
+    """Validate overrides against the config; return the new params and the ``-S`` arguments.
+
+    String values are read like ``-S`` reads them (``"1e-4"`` is a number), so a flow
+    parameter from the UI and a ``--set`` flag mean the same. Raises ``ConfigError``.
+    """
+    values = {k: parse_value(v) if isinstance(v, str) else v for k, v in overrides.items()}
+    new = with_overrides(params, values)
+    return new, [f"{k}={format_value(v)}" for k, v in values.items()]
+
+
+def command_env() -> dict[str, str]:
+    """The environment of DVC and its stages: this interpreter's bin directory first on PATH."""
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "PYTHONUNBUFFERED": "1",  # stream stage output as it comes
+        "DVC_NO_ANALYTICS": "1",
+    }
+
+
+def experiment_copy_paths(repo: Path, params: Params) -> list[str]:
+    """Workspace outputs that git does not hold, to copy into the experiment's temporary copy.
+
+    ``dvc exp run --temp`` starts from the last commit (plus uncommitted changes to tracked
+    files): cached outputs are checked out from the DVC cache, but uncached ones that are not
+    committed (yet), like the persistent checkpoints, would be missing and their stages would
+    re-run (the model would be re-trained for a change in ``generate``). Copying them, and an
+    untracked dvc.lock, makes the experiment start from the workspace.
+    """
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True, check=False)
+    tracked = set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else set()
+    tracked_dirs = {str(Path(f).parents[i].as_posix()) for f in tracked for i in range(len(Path(f).parents) - 1)}
+    chosen: list[str] = []
+    for raw in asdict(params.paths).values():
+        parts = Path(raw).parts
+        if not parts or Path(raw).is_absolute() or ".." in parts:
+            continue
+        for i in range(len(parts)):
+            prefix = Path(*parts[: i + 1]).as_posix()
+            if prefix not in tracked_dirs:
+                if prefix not in tracked and (repo / prefix).exists():
+                    chosen.append(prefix)
+                break
+    if (repo / "dvc.lock").is_file() and "dvc.lock" not in tracked:
+        chosen.append("dvc.lock")
+    unique = sorted(set(chosen))
+    return [p for p in unique if not any(p.startswith(q + "/") for q in unique if q != p)]
+
+
+def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
+    """Metrics as ``dvc exp show`` lists them for experiment ``name``, its MLflow run id and commit."""
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
+        cwd=repo,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        rows = json.loads(shown.stdout) if shown.returncode == 0 else []
+    except ValueError:
+        rows = []
+    for baseline in rows:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") != name:
+                    continue
+                prefix = Path(params.paths.metrics_dir).as_posix().rstrip("/") + "/"
+                metrics = {
+                    path: entry.get("data", {"error": "not in the experiment commit"})
+                    for path, entry in ((rev.get("data") or {}).get("metrics") or {}).items()
+                    if path.startswith(prefix)
+                }
+                shown_info = subprocess.run(
+                    ["git", "show", f"{rev['rev']}:{Path(params.paths.run_info).as_posix()}"],
+                    cwd=repo,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                run_id = None
+                if shown_info.returncode == 0:
+                    try:
+                        run_id = json.loads(shown_info.stdout).get("run_id")
+                    except (ValueError, AttributeError):
+                        run_id = None
+                return metrics, run_id, rev["rev"]
+    return {}, None, None

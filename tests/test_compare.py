@@ -1,0 +1,111 @@
+"""The recipe comparison: presets as partial params files, one DVC experiment and MLflow run per
+recipe x seed, and the table built from what those runs recorded."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+from tests.conftest import GIT, ROOT, make_repo, run
+
+from pipeline.compare import flatten, markdown, plan, recipe_overrides
+from pipeline.config import load_params
+
+
+def test_book_preset_is_a_valid_partial_params_file():
+    params = load_params(ROOT / "params.yaml")
+    runs = plan(ROOT, params, ["book"], [0, 1, 2])
+    assert [(r, s) for r, s, _ in runs] == [("book", 0), ("book", 1), ("book", 2)]
+    book = recipe_overrides(ROOT, "book")
+    # The book's values (Generative Deep Learning, 2nd ed., notebook 07_ebm), whatever params.yaml says.
+    expected = {
+        "langevin.steps": 60, "langevin.step_size": 10.0, "langevin.noise": 0.005, "langevin.grad_clip": 0.03,
+        "langevin.precision": "fp32", "buffer.size": 8192, "buffer.reinit_prob": 0.05, "train.batch_size": 128,
+        "train.lr": 1e-4, "train.beta1": 0.9, "train.beta2": 0.999, "train.alpha": 0.1, "train.real_noise": 0.005,
+        "train.ema_decay": 0.0, "train.weight_grad_clip": 0.0, "train.lr_schedule": "constant",
+        "generate.steps": 1000,
+    }
+    assert {k: book[k] for k in expected} == expected
+    assert "train.seed=1" in runs[1][2] and "generate.seed=1" in runs[1][2]
+
+
+def test_flatten_and_unknown_recipe(tmp_path):
+    assert flatten({"train": {"lr": 0.1, "seed": 3}, "model": {"channels": [1, 2]}}) == {
+        "train.lr": 0.1, "train.seed": 3, "model.channels": [1, 2]
+    }
+    assert recipe_overrides(tmp_path, "default") == {}
+    from pipeline.compare import CompareError
+
+    with pytest.raises(CompareError, match="no recipe 'nope'"):
+        recipe_overrides(ROOT, "nope")
+
+
+def test_table_means_and_floor():
+    rows = [
+        {"recipe": "a", "seed": 0, "fid": 10.0, "confident_share": 0.5, "coverage_entropy": 0.9,
+         "train_seconds": 100.0, "steps": 10, "fid_real_floor": 2.0},
+        {"recipe": "a", "seed": 1, "fid": 20.0, "confident_share": 0.7, "coverage_entropy": 0.8,
+         "train_seconds": 110.0, "steps": 10, "fid_real_floor": 2.0},
+        {"recipe": "b", "seed": 0, "fid": 30.0, "confident_share": None, "coverage_entropy": 0.7,
+         "train_seconds": 50.0, "steps": 5, "fid_real_floor": 4.0},
+    ]
+    text = markdown(rows)
+    assert "| a | 0 | 10.0 | 0.500 | 0.900 | 100 | 10 |" in text
+    assert "| b | 0 | 30.0 | – | 0.700 | 50 | 5 |" in text
+    assert "| a | 2 | 15.0 ± 7.1 | 0.600 ± 0.141 | 0.850 ± 0.071 | 105 ± 7 | 10 ± 0 |" in text
+    assert "| b | 1 | 30.0 ± 0.0 | – |" in text
+    assert "floor (train subset vs test, same N): 2.7." in text
+
+
+def test_bad_preset_value_fails_before_any_experiment(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (repo / "presets").mkdir()
+    (repo / "presets" / "bad.yaml").write_text("train:\n  lr: -1\n")
+    proc = run([sys.executable, "-m", "pipeline", "compare", "--recipes", "default", "bad"], repo, check=False)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compare: recipe 'bad': ") and "train.lr" in lines[0]
+    assert not (repo / "results").exists()
+
+
+@pytest.mark.slow
+def test_compare_runs_one_experiment_and_mlflow_run_per_recipe_and_seed(tmp_path, monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        monkeypatch.delenv(var, raising=False)
+    repo = make_repo(tmp_path / "repo")
+    (repo / "presets" / "variant.yaml").write_text(yaml.safe_dump({"train": {"alpha": 0.2}}))
+    run([*GIT, "add", "-A"], repo)
+    run([*GIT, "commit", "-qm", "variant"], repo)
+    proc = run([sys.executable, "-m", "pipeline", "compare", "--recipes", "default", "variant", "--seeds", "0"], repo)
+    assert "compare: results in" in proc.stdout
+
+    rows = json.loads((repo / "results" / "compare.json").read_text())
+    assert [(r["recipe"], r["seed"], r["experiment"]) for r in rows] == [
+        ("default", 0, "default-seed0"), ("variant", 0, "variant-seed0")
+    ]
+    # The workspace is untouched: every run happened in a temporary copy.
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["alpha"] == 0.1
+    assert not (repo / "models" / "ebm.pt").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    for row in rows:
+        mlrun = client.get_run(row["mlflow_run_id"])
+        assert mlrun.info.run_name == row["experiment"]
+        assert mlrun.data.tags["dvc.exp_name"] == row["experiment"]
+        assert mlrun.data.params["train.alpha"] == ("0.2" if row["recipe"] == "variant" else "0.1")
+        # The table holds exactly what the run recorded.
+        assert mlrun.data.metrics["evaluate.fid"] == pytest.approx(row["fid"])
+        assert mlrun.data.metrics["evaluate.confident_share"] == pytest.approx(row["confident_share"])
+        assert mlrun.data.metrics["train.train_seconds"] == pytest.approx(row["train_seconds"])
+        assert (repo / "results" / row["samples"]).stat().st_size > 0
+    table = (repo / "results" / "compare.md").read_text()
+    assert f"| default | 0 | {rows[0]['fid']:.1f} |" in table and f"| variant | 0 | {rows[1]['fid']:.1f} |" in table
+    assert (repo / "results" / "compare.png").stat().st_size > 0
+    listed = run([sys.executable, "-m", "dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    assert sorted(listed) == ["default-seed0", "variant-seed0"]

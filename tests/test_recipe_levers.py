@@ -1,0 +1,100 @@
+"""The recipe's levers beyond the book: learning-rate schedule and an EMA of the weights for sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.config import ConfigError, parse_params
+from pipeline.train import Trainer, TrainingInterrupted, cd_step
+from pipeline.tracking import NullTracker
+from tests.conftest import tiny_params_dict
+
+
+def _trainer(tmp_path, step_fn=cd_step, name="ckpt.pt", **train):
+    raw = tiny_params_dict({"train": {"epochs": 3, "checkpoint_every": 2, **train}, "tracking": {"enabled": False}})
+    images = torch.linspace(-1, 1, 48 * 1024).reshape(48, 1, 32, 32)
+    return Trainer(
+        parse_params(raw), images, torch.device("cpu"), NullTracker(), tmp_path / name, progress=False, step_fn=step_fn
+    )
+
+
+def test_cosine_schedule_runs_from_lr_to_the_final_factor(tmp_path):
+    tr = _trainer(tmp_path, lr=2e-4, lr_schedule="cosine", lr_final_factor=0.1, epochs=10)
+    n = tr.total_steps
+    lrs = [tr.lr_at(s) for s in range(n)]
+    assert lrs[0] == pytest.approx(2e-4)
+    assert lrs[-1] == pytest.approx(2e-5)
+    assert lrs[(n - 1) // 2] == pytest.approx(2e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * ((n - 1) // 2) / (n - 1)))))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    tr.lr_scale = 0.5  # after a rollback the whole schedule is lowered
+    assert tr.lr_at(0) == pytest.approx(1e-4)
+    constant = _trainer(tmp_path, lr=3e-4, lr_schedule="constant")
+    assert {constant.lr_at(s) for s in range(constant.total_steps)} == {3e-4}
+
+
+def test_optimizer_follows_the_schedule_during_fit(tmp_path):
+    seen = []
+
+    def step_fn(model, optimizer, *args, **kwargs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return cd_step(model, optimizer, *args, **kwargs)
+
+    tr = _trainer(tmp_path, step_fn=step_fn, lr_schedule="cosine", lr_final_factor=0.25)
+    tr.fit()
+    assert seen == pytest.approx([tr.lr_at(s) for s in range(tr.total_steps)])
+    assert [row["lr"] for row in tr.history] == pytest.approx(seen)
+
+
+def test_ema_is_the_warmed_up_moving_average_and_what_fit_returns(tmp_path):
+    weights = []
+
+    def step_fn(model, optimizer, *args, **kwargs):
+        stats = cd_step(model, optimizer, *args, **kwargs)
+        weights.append([p.detach().clone() for p in model.parameters()])
+        return stats
+
+    tr = _trainer(tmp_path, step_fn=step_fn, ema_decay=0.9)
+    initial = [p.detach().clone() for p in tr.model.parameters()]
+    result = tr.fit()
+    expected = initial
+    for step, current in enumerate(weights):
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, current)]
+    assert result.model is tr.ema is tr.sampling_model()
+    for got, want, live in zip(tr.ema.parameters(), expected, tr.model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(e, w) for e, w in zip(tr.ema.parameters(), tr.model.parameters()))
+    assert not any(p.requires_grad for p in tr.ema.parameters())
+    off = _trainer(tmp_path, name="off.pt", ema_decay=0.0)
+    assert off.ema is None and off.sampling_model() is off.model
+
+
+def test_ema_survives_an_interruption_and_resume_exactly(tmp_path):
+    reference = _trainer(tmp_path, name="ref.pt", ema_decay=0.8)
+    reference.fit()
+
+    def stop_at_3(model, optimizer, *args, **kwargs):
+        if interrupted.step == 3:
+            interrupted._signal = 15
+        return cd_step(model, optimizer, *args, **kwargs)
+
+    interrupted = _trainer(tmp_path, step_fn=stop_at_3, name="run.pt", ema_decay=0.8)
+    with pytest.raises(TrainingInterrupted):
+        interrupted.fit()
+    resumed = _trainer(tmp_path, name="run.pt", ema_decay=0.8)
+    assert resumed.try_resume() and resumed.step == 4
+    resumed.fit()
+    for a, b in zip(resumed.ema.parameters(), reference.ema.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("lr_schedule", "step"), ("lr_final_factor", 0.0), ("lr_final_factor", 1.5), ("ema_decay", 1.0), ("ema_decay", -0.1)],
+)
+def test_bad_lever_values_are_one_line_errors(key, value):
+    with pytest.raises(ConfigError, match=f"train.{key}="):
+        parse_params(tiny_params_dict({"train": {key: value}}))
