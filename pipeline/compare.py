@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, Params, load_params
-from pipeline.experiments import check_overrides, command_env, experiment_copy_paths, experiment_results
+from pipeline.experiments import check_overrides, command_env, experiment_copy_paths, experiment_results, parse_set
 
 PRESETS_DIR = "presets"
 DEFAULT = "default"
@@ -69,13 +69,18 @@ def recipe_overrides(repo: Path, name: str) -> dict[str, Any]:
     return flatten(raw)
 
 
-def plan(repo: Path, params: Params, recipes: list[str], seeds: list[int]) -> list[tuple[str, int, list[str]]]:
-    """(recipe, seed, ``-S`` arguments) for every run, each validated against the config first."""
+def plan(
+    repo: Path, params: Params, recipes: list[str], seeds: list[int], extra: dict[str, Any] | None = None
+) -> list[tuple[str, int, list[str]]]:
+    """(recipe, seed, ``-S`` arguments) for every run, each validated against the config first.
+
+    ``extra`` overrides (``--set``) apply to every recipe, after the recipe's own values.
+    """
     runs = []
     for recipe in recipes:
         base = recipe_overrides(repo, recipe)
         for seed in seeds:
-            overrides = {**base, "train.seed": seed, "generate.seed": seed}
+            overrides = {**base, **(extra or {}), "train.seed": seed, "generate.seed": seed}
             try:
                 _, set_args = check_overrides(params, overrides)
             except ConfigError as exc:
@@ -192,11 +197,15 @@ def main(argv: list[str] | None = None, params_path: str = "params.yaml") -> int
     parser.add_argument("--recipes", nargs="+", default=[DEFAULT, "book"], help="default and/or presets/<name>.yaml")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="results", help="folder for the table, the JSON and the figures")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a param for every run, over the recipe's (e.g. data.source=mnist); repeatable",
+    )
     args = parser.parse_args(argv)
     repo = Path.cwd()
     try:
         params = load_params(params_path)
-        runs = plan(repo, params, args.recipes, args.seeds)  # every recipe checked before anything runs
+        runs = plan(repo, params, args.recipes, args.seeds, parse_set(args.set))  # every recipe checked before anything runs
         out = repo / args.out
         out.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = []

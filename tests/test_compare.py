@@ -29,6 +29,10 @@ def test_book_preset_is_a_valid_partial_params_file():
     }
     assert {k: book[k] for k in expected} == expected
     assert "train.seed=1" in runs[1][2] and "generate.seed=1" in runs[1][2]
+    # --set applies to every recipe, over the recipe's own values (the book on full MNIST, say)
+    on_mnist = plan(ROOT, params, ["default", "book"], [0], {"data.source": "mnist", "train.epochs": "2"})
+    assert all("data.source=mnist" in args and "train.epochs=2" in args for _, _, args in on_mnist)
+    assert "train.epochs=60" not in on_mnist[1][2]
 
 
 def test_flatten_and_unknown_recipe(tmp_path):

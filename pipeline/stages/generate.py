@@ -19,14 +19,19 @@ def run(params: Params, progress: bool = True) -> dict:
     # Reopened first: a store or run that cannot be used stops the stage before any sampling.
     tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     device = resolve_device(params.runtime)
-    model, _ = load_energy_model(params.paths.model, device)
+    model, blob = load_energy_model(params.paths.model, device)
     start = time.perf_counter()
     samples, snapshots = generate_samples(model, params.generate, params.langevin, device, progress=progress)
     seconds = time.perf_counter() - start
     out = Path(params.paths.samples_dir)
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples.numpy().astype(np.float32))
-    save_grid(samples[:100], out / "samples.png", nrow=10, title=f"{params.generate.steps} Langevin steps from noise")
+    save_grid(
+        samples[:100],
+        out / "samples.png",
+        nrow=10,
+        title=f"{params.generate.steps} Langevin steps from noise" + (", EMA weights" if blob.get("ema") else ""),
+    )
     save_chain(snapshots, out / "chain.png")
     metrics = {"generate_seconds": round(seconds, 2), "n_samples": len(samples), "steps": params.generate.steps}
     write_json(metrics, Path(params.paths.metrics_dir) / "generate.json")
