@@ -1,5 +1,8 @@
 """``python -m pipeline bench``: training and Langevin throughput at book settings.
 
+Book settings are batch 128 x 60 Langevin steps per iteration (``--batch-size``, ``--steps``),
+whatever params.yaml trains with; every other value comes from params.yaml (``--set`` changes it).
+
 In one process and one run it times (1) a plain eager fp32 PyTorch implementation of the CD
 training step, written here with no tricks, and (2) the project's trainer step as configured
 by params.yaml, and prints the speed-up. It also prints the achieved GFLOP/s inside Langevin
@@ -212,6 +215,8 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
 def main(params: Params, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline bench")
     parser.add_argument("--iters", type=int, default=20, help="timed training iterations per implementation (alternating)")
+    parser.add_argument("--steps", type=int, default=60, help="Langevin steps per iteration (the book's 60)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per iteration (the book's 128)")
     parser.add_argument("--gen-samples", type=int, default=1000)
     parser.add_argument("--gen-steps", type=int, default=1000)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -219,11 +224,11 @@ def main(params: Params, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     import yaml
 
-    overrides = {}
+    # Book settings whatever params.yaml trains with; --set can still change anything.
+    overrides = {"langevin.steps": args.steps, "train.batch_size": args.batch_size}
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)
-    if overrides:
-        params = with_overrides(params, overrides)
+    params = with_overrides(params, overrides)
     run(params, args.iters, args.gen_samples, args.gen_steps)
     return 0

@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, Params, load_params
-from pipeline.experiments import check_overrides, command_env, experiment_copy_paths, experiment_results, parse_set
+from pipeline.experiments import check_overrides, command_env, experiment_copy_paths, parse_set
 
 PRESETS_DIR = "presets"
 DEFAULT = "default"
@@ -104,22 +104,45 @@ def run_experiment(repo: Path, params: Params, name: str, set_args: list[str]) -
         raise CompareError(f"compare: experiment {name} failed (dvc exp run {' '.join(set_args)})")
 
 
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, check=False)
+
+
+def experiment_rev(repo: Path, name: str) -> str:
+    """The commit of experiment ``name`` run from the current HEAD (DVC keeps it as refs/exps/..)."""
+    head = _git(repo, "rev-parse", "HEAD").stdout.decode().strip()
+    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
+    found = _git(repo, "rev-parse", "--verify", "--quiet", ref)
+    if found.returncode != 0:
+        raise CompareError(f"compare: no experiment {name} from this commit ({ref} not found)")
+    return found.stdout.decode().strip()
+
+
+def _json_at(repo: Path, rev: str, path: str) -> dict[str, Any]:
+    shown = _git(repo, "show", f"{rev}:{path}")
+    if shown.returncode != 0:
+        return {}
+    try:
+        data = json.loads(shown.stdout)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def collect(repo: Path, params: Params, recipe: str, seed: int, name: str, out: Path) -> dict[str, Any]:
-    """The experiment's metrics, MLflow run id and commit; its sample grid copied to ``out``."""
-    metrics, run_id, rev = experiment_results(repo, params, name)
-    if rev is None:
-        raise CompareError(f"compare: experiment {name} is not listed by dvc exp show")
+    """The experiment's metrics, MLflow run id and commit, read from its commit; its sample grid copied to ``out``.
+
+    Read by the experiment's ref rather than by name from ``dvc exp show``, which also lists failed or
+    interrupted attempts of the same name.
+    """
+    rev = experiment_rev(repo, name)
+    metrics_dir = Path(params.paths.metrics_dir).as_posix()
     values: dict[str, Any] = {}
     for file, key, *_ in COLUMNS:
-        data = metrics.get(f"{Path(params.paths.metrics_dir).as_posix()}/{file}", {})
-        values[key] = data.get(key)
-    values["fid_real_floor"] = metrics.get(f"{Path(params.paths.metrics_dir).as_posix()}/evaluate.json", {}).get(
-        "fid_real_floor"
-    )
-    grid = subprocess.run(
-        ["git", "show", f"{rev}:{Path(params.paths.samples_dir, 'samples.png').as_posix()}"],
-        cwd=repo, capture_output=True, check=False,
-    )
+        values[key] = _json_at(repo, rev, f"{metrics_dir}/{file}").get(key)
+    values["fid_real_floor"] = _json_at(repo, rev, f"{metrics_dir}/evaluate.json").get("fid_real_floor")
+    run_id = _json_at(repo, rev, Path(params.paths.run_info).as_posix()).get("run_id")
+    grid = _git(repo, "show", f"{rev}:{Path(params.paths.samples_dir, 'samples.png').as_posix()}")
     image = None
     if grid.returncode == 0:
         image = out / f"samples-{name}.png"
@@ -186,6 +209,24 @@ def figure(rows: list[dict[str, Any]], out: Path, path: Path) -> None:
     plt.close(fig)
 
 
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    path = out / "compare.json"
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except ValueError:
+        raise CompareError(f"compare: {path} is not valid JSON; remove it or pass --fresh") from None
+    return [r for r in rows if isinstance(r, dict) and "recipe" in r and "seed" in r]
+
+
+def merge(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
+    """``rows`` with ``row`` in place of the row of the same recipe and seed, ordered by recipe, then seed."""
+    kept = [r for r in rows if (r["recipe"], r["seed"]) != (row["recipe"], row["seed"])] + [row]
+    order = list(dict.fromkeys(r["recipe"] for r in [*rows, row]))
+    return sorted(kept, key=lambda r: (order.index(r["recipe"]), r["seed"]))
+
+
 def write_results(rows: list[dict[str, Any]], out: Path) -> None:
     (out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "compare.md").write_text(markdown(rows))
@@ -197,6 +238,11 @@ def main(argv: list[str] | None = None, params_path: str = "params.yaml") -> int
     parser.add_argument("--recipes", nargs="+", default=[DEFAULT, "book"], help="default and/or presets/<name>.yaml")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="results", help="folder for the table, the JSON and the figures")
+    parser.add_argument("--fresh", action="store_true", help="start a new table instead of updating --out's")
+    parser.add_argument(
+        "--collect-only", action="store_true",
+        help="run nothing: tabulate the experiments of these recipes and seeds already run from this commit",
+    )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="a param for every run, over the recipe's (e.g. data.source=mnist); repeatable",
@@ -208,13 +254,16 @@ def main(argv: list[str] | None = None, params_path: str = "params.yaml") -> int
         runs = plan(repo, params, args.recipes, args.seeds, parse_set(args.set))  # every recipe checked before anything runs
         out = repo / args.out
         out.mkdir(parents=True, exist_ok=True)
-        rows: list[dict[str, Any]] = []
+        # Rows of other recipes and seeds already in the table stay: one recipe can be re-run alone.
+        rows = [] if args.fresh else read_rows(out)
         for i, (recipe, seed, set_args) in enumerate(runs, 1):
             name = f"{recipe}-seed{seed}"
-            print(f"compare: [{i}/{len(runs)}] {name}: dvc exp run --temp {' '.join(set_args)}", flush=True)
+            what = "collecting" if args.collect_only else f"dvc exp run --temp {' '.join(set_args)}"
+            print(f"compare: [{i}/{len(runs)}] {name}: {what}", flush=True)
             start = time.perf_counter()
-            run_experiment(repo, params, name, set_args)
-            rows.append(collect(repo, params, recipe, seed, name, out))
+            if not args.collect_only:
+                run_experiment(repo, params, name, set_args)
+            rows = merge(rows, collect(repo, params, recipe, seed, name, out))
             write_results(rows, out)  # a partial table survives a later failure
             print(f"compare: {name} done in {time.perf_counter() - start:.0f}s", flush=True)
     except (CompareError, ConfigError) as exc:

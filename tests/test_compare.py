@@ -10,7 +10,7 @@ import pytest
 import yaml
 from tests.conftest import GIT, ROOT, make_repo, run
 
-from pipeline.compare import flatten, markdown, plan, recipe_overrides
+from pipeline.compare import flatten, markdown, merge, plan, recipe_overrides
 from pipeline.config import load_params
 
 
@@ -33,6 +33,13 @@ def test_book_preset_is_a_valid_partial_params_file():
     on_mnist = plan(ROOT, params, ["default", "book"], [0], {"data.source": "mnist", "train.epochs": "2"})
     assert all("data.source=mnist" in args and "train.epochs=2" in args for _, _, args in on_mnist)
     assert "train.epochs=60" not in on_mnist[1][2]
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "presets").glob("*.yaml")))
+def test_every_preset_validates_against_the_config(preset):
+    params = load_params(ROOT / "params.yaml")
+    (_, _, set_args), = plan(ROOT, params, [preset], [0])
+    assert set_args[-2:] == ["train.seed=0", "generate.seed=0"]
 
 
 def test_flatten_and_unknown_recipe(tmp_path):
@@ -63,6 +70,13 @@ def test_table_means_and_floor():
     assert "floor (train subset vs test, same N): 2.7." in text
 
 
+def test_rerunning_one_recipe_replaces_only_its_rows():
+    rows = [{"recipe": "a", "seed": 0, "fid": 1.0}, {"recipe": "b", "seed": 0, "fid": 2.0}, {"recipe": "b", "seed": 1, "fid": 3.0}]
+    rows = merge(rows, {"recipe": "a", "seed": 1, "fid": 4.0})
+    rows = merge(rows, {"recipe": "b", "seed": 0, "fid": 5.0})
+    assert [(r["recipe"], r["seed"], r["fid"]) for r in rows] == [("a", 0, 1.0), ("a", 1, 4.0), ("b", 0, 5.0), ("b", 1, 3.0)]
+
+
 def test_bad_preset_value_fails_before_any_experiment(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -84,7 +98,8 @@ def test_compare_runs_one_experiment_and_mlflow_run_per_recipe_and_seed(tmp_path
     (repo / "presets" / "variant.yaml").write_text(yaml.safe_dump({"train": {"alpha": 0.2}}))
     run([*GIT, "add", "-A"], repo)
     run([*GIT, "commit", "-qm", "variant"], repo)
-    proc = run([sys.executable, "-m", "pipeline", "compare", "--recipes", "default", "variant", "--seeds", "0"], repo)
+    args = ["--recipes", "default", "variant", "--seeds", "0", "--fresh"]
+    proc = run([sys.executable, "-m", "pipeline", "compare", *args], repo)
     assert "compare: results in" in proc.stdout
 
     rows = json.loads((repo / "results" / "compare.json").read_text())
