@@ -198,14 +198,14 @@ def figure(rows: list[dict[str, Any]], out: Path, path: Path) -> None:
             firsts[r["recipe"]] = r
     if not firsts:
         return
-    fig, axes = plt.subplots(1, len(firsts), figsize=(5.2 * len(firsts), 5.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(firsts), figsize=(5.2 * len(firsts), 6.0), squeeze=False)
     for ax, (recipe, r) in zip(axes[0], firsts.items()):
         ax.imshow(plt.imread(out / r["samples"]))
         fid = "–" if r.get("fid") is None else f"{r['fid']:.1f}"
-        ax.set_title(f"{recipe} (seed {r['seed']}): FID {fid}")
+        ax.set_title(f"{recipe} (seed {r['seed']}): FID {fid}", pad=10)
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(pad=1.5)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
