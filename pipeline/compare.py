@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, Params, load_params
-from pipeline.experiments import check_overrides, command_env, experiment_copy_paths, parse_set
+from pipeline.experiments import check_overrides, command_env, exp_run_args, experiment_copy_paths, parse_set
 
 PRESETS_DIR = "presets"
 DEFAULT = "default"
@@ -95,11 +95,7 @@ def run_experiment(repo: Path, params: Params, name: str, set_args: list[str]) -
         [sys.executable, "-m", "dvc", "exp", "remove", name],
         cwd=repo, env=command_env(), capture_output=True, check=False,
     )
-    args = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", name]
-    for item in set_args:
-        args += ["--set-param", item]
-    for path in experiment_copy_paths(repo, params):
-        args += ["--copy-paths", path]
+    args = [sys.executable, "-m", "dvc", *exp_run_args(name, set_args, experiment_copy_paths(repo, params))]
     if subprocess.run(args, cwd=repo, env=command_env(), check=False).returncode != 0:
         raise CompareError(f"compare: experiment {name} failed (dvc exp run {' '.join(set_args)})")
 
@@ -137,10 +133,9 @@ def collect(repo: Path, params: Params, recipe: str, seed: int, name: str, out: 
     """
     rev = experiment_rev(repo, name)
     metrics_dir = Path(params.paths.metrics_dir).as_posix()
-    values: dict[str, Any] = {}
-    for file, key, *_ in COLUMNS:
-        values[key] = _json_at(repo, rev, f"{metrics_dir}/{file}").get(key)
-    values["fid_real_floor"] = _json_at(repo, rev, f"{metrics_dir}/evaluate.json").get("fid_real_floor")
+    files = {file: _json_at(repo, rev, f"{metrics_dir}/{file}") for file in {c[0] for c in COLUMNS}}
+    values: dict[str, Any] = {key: files[file].get(key) for file, key, *_ in COLUMNS}
+    values["fid_real_floor"] = files["evaluate.json"].get("fid_real_floor")
     run_id = _json_at(repo, rev, Path(params.paths.run_info).as_posix()).get("run_id")
     grid = _git(repo, "show", f"{rev}:{Path(params.paths.samples_dir, 'samples.png').as_posix()}")
     image = None

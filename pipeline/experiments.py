@@ -66,6 +66,18 @@ def check_overrides(params: Params, overrides: dict[str, Any]) -> tuple[Params, 
     return new, [f"{k}={format_value(v)}" for k, v in values.items()]
 
 
+def exp_run_args(name: str | None, set_args: list[str], copy_paths: list[str]) -> list[str]:
+    """The arguments of ``dvc exp run --temp [--name N] -S k=v ... --copy-paths P ...`` (after ``dvc``)."""
+    args = ["exp", "run", "--temp"]
+    if name:
+        args += ["--name", name]
+    for item in set_args:
+        args += ["--set-param", item]
+    for path in copy_paths:
+        args += ["--copy-paths", path]
+    return args
+
+
 def command_env() -> dict[str, str]:
     """The environment of DVC and its stages: this interpreter's bin directory first on PATH."""
     bin_dir = str(Path(sys.executable).parent)

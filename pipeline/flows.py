@@ -49,6 +49,7 @@ from pipeline.experiments import (  # noqa: E402
     check_overrides,
     command_env,
     experiment_copy_paths,
+    exp_run_args,
     experiment_results,
     parse_set,
 )
@@ -199,13 +200,7 @@ def run_stage(stage: str, repo_dir: str) -> str:
 def run_experiment(repo_dir: str, set_args: list[str], name: str | None, copy_paths: list[str]) -> dict[str, Any]:
     """``dvc exp run --temp -S k=v ...`` (all stages); returns the experiment's name and stage statuses."""
     logger = get_run_logger()
-    args = ["exp", "run", "--temp"]
-    if name:
-        args += ["--name", name]
-    for item in set_args:
-        args += ["--set-param", item]
-    for path in copy_paths:
-        args += ["--copy-paths", path]
+    args = exp_run_args(name, set_args, copy_paths)
     result = run_dvc(args, repo_dir, logger.info)
     if result.returncode != 0:
         exc = _failure("experiment", args, result)
