@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import experiments
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.experiments import check_overrides, command_env, exp_run_args, experiment_copy_paths, parse_set
 
@@ -100,44 +101,26 @@ def run_experiment(repo: Path, params: Params, name: str, set_args: list[str]) -
         raise CompareError(f"compare: experiment {name} failed (dvc exp run {' '.join(set_args)})")
 
 
-def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, check=False)
-
-
 def experiment_rev(repo: Path, name: str) -> str:
-    """The commit of experiment ``name`` run from the current HEAD (DVC keeps it as refs/exps/..)."""
-    head = _git(repo, "rev-parse", "HEAD").stdout.decode().strip()
-    ref = f"refs/exps/{head[:2]}/{head[2:]}/{name}"
-    found = _git(repo, "rev-parse", "--verify", "--quiet", ref)
-    if found.returncode != 0:
-        raise CompareError(f"compare: no experiment {name} from this commit ({ref} not found)")
-    return found.stdout.decode().strip()
-
-
-def _json_at(repo: Path, rev: str, path: str) -> dict[str, Any]:
-    shown = _git(repo, "show", f"{rev}:{path}")
-    if shown.returncode != 0:
-        return {}
-    try:
-        data = json.loads(shown.stdout)
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    """The commit of experiment ``name`` run from the current HEAD."""
+    rev = experiments.experiment_rev(repo, name)
+    if rev is None:
+        raise CompareError(f"compare: no experiment {name} from this commit (no refs/exps/../{name} for HEAD)")
+    return rev
 
 
 def collect(repo: Path, params: Params, recipe: str, seed: int, name: str, out: Path) -> dict[str, Any]:
     """The experiment's metrics, MLflow run id and commit, read from its commit; its sample grid copied to ``out``.
 
-    Read by the experiment's ref rather than by name from ``dvc exp show``, which also lists failed or
-    interrupted attempts of the same name.
+    Read by the experiment's ref (``experiments.experiment_rev``).
     """
     rev = experiment_rev(repo, name)
     metrics_dir = Path(params.paths.metrics_dir).as_posix()
-    files = {file: _json_at(repo, rev, f"{metrics_dir}/{file}") for file in {c[0] for c in COLUMNS}}
+    files = {file: experiments.json_at(repo, rev, f"{metrics_dir}/{file}") for file in {c[0] for c in COLUMNS}}
     values: dict[str, Any] = {key: files[file].get(key) for file, key, *_ in COLUMNS}
     values["fid_real_floor"] = files["evaluate.json"].get("fid_real_floor")
-    run_id = _json_at(repo, rev, Path(params.paths.run_info).as_posix()).get("run_id")
-    grid = _git(repo, "show", f"{rev}:{Path(params.paths.samples_dir, 'samples.png').as_posix()}")
+    run_id = experiments.json_at(repo, rev, Path(params.paths.run_info).as_posix()).get("run_id")
+    grid = experiments.git(repo, "show", f"{rev}:{Path(params.paths.samples_dir, 'samples.png').as_posix()}")
     image = None
     if grid.returncode == 0:
         image = out / f"samples-{name}.png"

@@ -191,6 +191,7 @@ class GenerateConfig:
     seed: int = 0
     n_samples: int = 1000
     steps: int = 1000
+    step_size: float = 10.0  # Langevin step size of generation (training samples with langevin.step_size)
     batch_size: int = 500
     chain_rows: int = 8
     chain_steps: tuple[int, ...] = (0, 1, 3, 5, 10, 30, 50, 100, 300, 999)
@@ -199,6 +200,8 @@ class GenerateConfig:
         for name in ("n_samples", "steps", "batch_size", "chain_rows"):
             if getattr(self, name) < 1:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
+        if self.step_size <= 0:
+            raise _allowed(f"{section}.step_size", self.step_size, "a number > 0")
         if self.chain_rows > self.n_samples:
             raise _allowed(f"{section}.chain_rows", self.chain_rows, f"at most n_samples ({self.n_samples})")
         bad = [s for s in self.chain_steps if not 0 <= s < self.steps]

@@ -118,43 +118,44 @@ def experiment_copy_paths(repo: Path, params: Params) -> list[str]:
     return [p for p in unique if not any(p.startswith(q + "/") for q in unique if q != p)]
 
 
-def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
-    """Metrics as ``dvc exp show`` lists them for experiment ``name``, its MLflow run id and commit."""
-    shown = subprocess.run(
-        [sys.executable, "-m", "dvc", "exp", "show", "--json"],
-        cwd=repo,
-        env=command_env(),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, check=False)
+
+
+def experiment_rev(repo: Path, name: str) -> str | None:
+    """The commit of experiment ``name`` run from the current HEAD, or None.
+
+    DVC keeps it as ``refs/exps/<HEAD[:2]>/<HEAD[2:]>/<name>``. Looked up by ref rather than by
+    name in ``dvc exp show``, which also lists failed or interrupted attempts of the same name.
+    """
+    head = git(repo, "rev-parse", "HEAD").stdout.decode().strip()
+    found = git(repo, "rev-parse", "--verify", "--quiet", f"refs/exps/{head[:2]}/{head[2:]}/{name}")
+    return found.stdout.decode().strip() if found.returncode == 0 else None
+
+
+def json_at(repo: Path, rev: str, path: str) -> dict[str, Any]:
+    """The JSON object ``path`` holds in commit ``rev``; {} when missing or not an object."""
+    shown = git(repo, "show", f"{rev}:{path}")
+    if shown.returncode != 0:
+        return {}
     try:
-        rows = json.loads(shown.stdout) if shown.returncode == 0 else []
+        data = json.loads(shown.stdout)
     except ValueError:
-        rows = []
-    for baseline in rows:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("name") != name:
-                    continue
-                prefix = Path(params.paths.metrics_dir).as_posix().rstrip("/") + "/"
-                metrics = {
-                    path: entry.get("data", {"error": "not in the experiment commit"})
-                    for path, entry in ((rev.get("data") or {}).get("metrics") or {}).items()
-                    if path.startswith(prefix)
-                }
-                shown_info = subprocess.run(
-                    ["git", "show", f"{rev['rev']}:{Path(params.paths.run_info).as_posix()}"],
-                    cwd=repo,
-                    capture_output=True,
-                    text=True,
-                    check=False,
-                )
-                run_id = None
-                if shown_info.returncode == 0:
-                    try:
-                        run_id = json.loads(shown_info.stdout).get("run_id")
-                    except (ValueError, AttributeError):
-                        run_id = None
-                return metrics, run_id, rev["rev"]
-    return {}, None, None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
+    """Experiment ``name``'s metrics files (path -> values), its MLflow run id and its commit."""
+    rev = experiment_rev(repo, name)
+    if rev is None:
+        return {}, None, None
+    metrics_dir = Path(params.paths.metrics_dir).as_posix().rstrip("/")
+    listed = git(repo, "ls-tree", "--name-only", f"{rev}:{metrics_dir}").stdout.decode().split()
+    metrics = {
+        f"{metrics_dir}/{file}": json_at(repo, rev, f"{metrics_dir}/{file}") or {"error": "not valid JSON"}
+        for file in sorted(listed)
+        if file.endswith(".json")
+    }
+    run_id = json_at(repo, rev, Path(params.paths.run_info).as_posix()).get("run_id")
+    return metrics, run_id, rev

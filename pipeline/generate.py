@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from tqdm.auto import tqdm
 
@@ -20,11 +22,13 @@ def generate_samples(
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """``cfg.n_samples`` images (CPU, (N, 1, 32, 32) in [-1, 1]) and the chain snapshots.
 
-    Every chain starts from uniform noise and runs ``cfg.steps`` steps with the step size,
-    noise and gradient clip of the ``langevin`` section. The snapshots hold the first
-    ``cfg.chain_rows`` chains at ``cfg.chain_steps`` (0-based, after that step).
+    Every chain starts from uniform noise and runs ``cfg.steps`` steps of step size
+    ``cfg.step_size`` with the noise, gradient clip and precision of the ``langevin`` section.
+    The snapshots hold the first ``cfg.chain_rows`` chains at ``cfg.chain_steps`` (0-based,
+    after that step).
     """
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    sampler_cfg = dataclasses.replace(langevin_cfg, step_size=cfg.step_size)
     score_fn = score_in_precision(model, langevin_cfg.precision)
     model.eval()
     batches = [(i, min(cfg.batch_size, cfg.n_samples - i)) for i in range(0, cfg.n_samples, cfg.batch_size)]
@@ -36,7 +40,7 @@ def generate_samples(
             x, snaps = sample(
                 score_fn,
                 x0,
-                langevin_cfg,
+                sampler_cfg,
                 steps=cfg.steps,
                 generator=generator,
                 record_at=cfg.chain_steps if start == 0 else (),

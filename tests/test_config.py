@@ -46,6 +46,7 @@ BAD = [
     ("data", "source", "cifar", "data.source"),
     ("runtime", "device", "tpu", "runtime.device"),
     ("generate", "chain_steps", [0, 10_000], "generate.chain_steps"),
+    ("generate", "step_size", 0.0, "generate.step_size"),
     ("tracking", "enabled", "yes", "tracking.enabled"),
 ]
 

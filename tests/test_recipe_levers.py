@@ -1,4 +1,4 @@
-"""The recipe's levers beyond the book: learning-rate schedule and an EMA of the weights for sampling."""
+"""The recipe's levers beyond the book: learning-rate schedule, an EMA of the weights, the generation step size."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
+from pipeline.buffer import uniform_noise
 from pipeline.config import ConfigError, parse_params
+from pipeline.generate import generate_samples
+from pipeline.langevin import langevin
+from pipeline.model import IMAGE_SHAPE, EnergyNet
 from pipeline.train import Trainer, TrainingInterrupted, cd_step
 from pipeline.tracking import NullTracker
 from tests.conftest import tiny_params_dict
@@ -98,3 +102,28 @@ def test_ema_survives_an_interruption_and_resume_exactly(tmp_path):
 def test_bad_lever_values_are_one_line_errors(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}="):
         parse_params(tiny_params_dict({"train": {key: value}}))
+
+
+def test_generation_uses_its_own_step_size_and_the_sampler_section_for_the_rest():
+    params = parse_params(
+        tiny_params_dict(
+            {
+                "langevin": {"step_size": 10.0, "noise": 0.02, "grad_clip": 0.05, "precision": "fp32", "workers": 1},
+                "generate": {"step_size": 3.0, "n_samples": 6, "batch_size": 6, "steps": 4, "chain_steps": [0, 3]},
+            }
+        )
+    )
+    torch.manual_seed(0)
+    model = EnergyNet.from_config(params.model)
+    samples, snapshots = generate_samples(model, params.generate, params.langevin, torch.device("cpu"), progress=False)
+
+    generator = torch.Generator().manual_seed(params.generate.seed)
+    x0 = uniform_noise(6, IMAGE_SHAPE, device="cpu", generator=generator)
+    expected, _ = langevin(model, x0, steps=4, step_size=3.0, noise=0.02, grad_clip=0.05, generator=generator)
+    torch.testing.assert_close(samples, expected)
+    torch.testing.assert_close(snapshots[3], expected[: params.generate.chain_rows])
+
+    generator = torch.Generator().manual_seed(params.generate.seed)
+    x0 = uniform_noise(6, IMAGE_SHAPE, device="cpu", generator=generator)
+    training_steps, _ = langevin(model, x0, steps=4, step_size=10.0, noise=0.02, grad_clip=0.05, generator=generator)
+    assert not torch.allclose(samples, training_steps)

@@ -30,7 +30,8 @@ def run(params: Params, progress: bool = True) -> dict:
         samples[:100],
         out / "samples.png",
         nrow=10,
-        title=f"{params.generate.steps} Langevin steps from noise" + (", EMA weights" if blob.get("ema") else ""),
+        title=f"{params.generate.steps} Langevin steps of size {params.generate.step_size:g} from noise"
+        + (", EMA weights" if blob.get("ema") else ""),
     )
     save_chain(snapshots, out / "chain.png")
     metrics = {"generate_seconds": round(seconds, 2), "n_samples": len(samples), "steps": params.generate.steps}
