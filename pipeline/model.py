@@ -39,6 +39,10 @@ class EnergyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x)).squeeze(-1)  # (B,)
 
+    def layers(self) -> list[nn.Module]:
+        """The layers in order: their composition is ``forward`` before the squeeze (see pipeline/inputgrad.py)."""
+        return [*self.features, *self.head]
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
