@@ -18,11 +18,13 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from pipeline.buffer import ReplayBuffer
-from pipeline.config import Params, with_overrides
+from pipeline.config import ConfigError, Params, with_overrides
+from pipeline.experiments import check_overrides, parse_set
 from pipeline.generate import generate_samples
 from pipeline.langevin import score_in_precision
 from pipeline.model import IMAGE_SHAPE, EnergyNet
@@ -222,13 +224,14 @@ def main(params: Params, argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this benchmark, e.g. --set langevin.precision=fp32")
     args = parser.parse_args(argv)
-    import yaml
-
-    # Book settings whatever params.yaml trains with; --set can still change anything.
-    overrides = {"langevin.steps": args.steps, "train.batch_size": args.batch_size}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
-    params = with_overrides(params, overrides)
+    # Book settings whatever params.yaml trains with; --set can still change anything. Values are
+    # read as `dvc exp run -S`, the flow and the comparison read them.
+    overrides: dict[str, Any] = {"langevin.steps": args.steps, "train.batch_size": args.batch_size}
+    try:
+        overrides.update(parse_set(args.set))
+        params, _ = check_overrides(params, overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     run(params, args.iters, args.gen_samples, args.gen_steps)
     return 0

@@ -24,3 +24,14 @@ def test_bench_prints_every_line(tmp_path):
         assert needle in out, out
     speedup = [line for line in out.splitlines() if line.startswith("speedup: ")]
     assert len(speedup) == 1 and speedup[0].endswith("x") and float(speedup[0][9:-1]) > 0
+
+
+def test_bench_rejects_a_bad_value_in_one_line(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params_dict()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "bench", "--params", str(params), "--set", "langevin.step_size=-1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["params: langevin.step_size=-1.0 is invalid: a number > 0"]
