@@ -135,14 +135,20 @@ def experiment_rev(repo: Path, name: str) -> str | None:
 
 def json_at(repo: Path, rev: str, path: str) -> dict[str, Any]:
     """The JSON object ``path`` holds in commit ``rev``; {} when missing or not an object."""
+    data = _json_object_at(repo, rev, path)
+    return {} if data is None else data
+
+
+def _json_object_at(repo: Path, rev: str, path: str) -> dict[str, Any] | None:
+    """The JSON object ``path`` holds in commit ``rev``; None when missing, not JSON or not an object."""
     shown = git(repo, "show", f"{rev}:{path}")
     if shown.returncode != 0:
-        return {}
+        return None
     try:
         data = json.loads(shown.stdout)
     except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
@@ -152,10 +158,10 @@ def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str,
         return {}, None, None
     metrics_dir = Path(params.paths.metrics_dir).as_posix().rstrip("/")
     listed = git(repo, "ls-tree", "--name-only", f"{rev}:{metrics_dir}").stdout.decode().split()
-    metrics = {
-        f"{metrics_dir}/{file}": json_at(repo, rev, f"{metrics_dir}/{file}") or {"error": "not valid JSON"}
-        for file in sorted(listed)
-        if file.endswith(".json")
-    }
+    metrics = {}
+    for file in sorted(listed):
+        if file.endswith(".json"):
+            data = _json_object_at(repo, rev, f"{metrics_dir}/{file}")
+            metrics[f"{metrics_dir}/{file}"] = {"error": "not a JSON object"} if data is None else data
     run_id = json_at(repo, rev, Path(params.paths.run_info).as_posix()).get("run_id")
     return metrics, run_id, rev

@@ -1,0 +1,55 @@
+"""Reading an experiment back from its git ref (pipeline/experiments.py), on a hand-made repository."""
+
+import json
+import subprocess
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.experiments import experiment_results, experiment_rev, json_at
+from tests.conftest import write_params
+
+GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run([*GIT, *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_experiment_results_reads_every_metrics_file_of_the_experiment_commit(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    params = load_params(write_params(repo / "params.yaml"))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert experiment_rev(repo, "exp-a") is None
+
+    # What `dvc exp run` leaves: a commit on top of HEAD, under refs/exps/<HEAD[:2]>/<HEAD[2:]>/<name>.
+    metrics = repo / params.paths.metrics_dir
+    metrics.mkdir()
+    (metrics / "train.json").write_text(json.dumps({"loss": -0.5, "steps": 12}))
+    (metrics / "empty.json").write_text("{}")
+    (metrics / "broken.json").write_text("{not json")
+    (metrics / "list.json").write_text("[1, 2]")
+    run_info = repo / params.paths.run_info
+    run_info.parent.mkdir(parents=True, exist_ok=True)
+    run_info.write_text(json.dumps({"run_id": "abc123"}))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "experiment")
+    exp = _git(repo, "rev-parse", "HEAD")
+    _git(repo, "update-ref", f"refs/exps/{head[:2]}/{head[2:]}/exp-a", exp)
+    _git(repo, "reset", "-q", "--hard", head)
+
+    assert experiment_rev(repo, "exp-a") == exp
+    found, run_id, rev = experiment_results(repo, params, "exp-a")
+    assert (run_id, rev) == ("abc123", exp)
+    d = params.paths.metrics_dir.rstrip("/")
+    assert found == {
+        f"{d}/broken.json": {"error": "not a JSON object"},
+        f"{d}/empty.json": {},  # empty is not broken
+        f"{d}/list.json": {"error": "not a JSON object"},
+        f"{d}/train.json": {"loss": -0.5, "steps": 12},
+    }
+    assert json_at(repo, exp, f"{d}/missing.json") == {}
+    assert experiment_results(repo, params, "exp-b") == ({}, None, None)
