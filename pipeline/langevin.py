@@ -174,7 +174,10 @@ class SamplerScore:
     bit for bit autograd's gradient of the same network.
     """
 
-    def __init__(self, model: torch.nn.Module, precision: str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, precision: str, *, by_phases: bool = True, without_autograd: bool = True
+    ) -> None:
+        """``by_phases`` and ``without_autograd`` switch the two gradient shortcuts (for the benchmark)."""
         self.model = model
         self.precision = precision
         self.shadow: torch.nn.Module | None = None
@@ -183,9 +186,9 @@ class SamplerScore:
             self.shadow = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
             for p in self.shadow.parameters():
                 p.requires_grad_(False)
-            if next(model.parameters()).device.type == "cpu":  # measured there only
+            if by_phases and next(model.parameters()).device.type == "cpu":  # measured there only
                 self.polyphase = polyphase_first_layers(self.shadow)
-        self.layers = layer_chain(self.shadow if self.shadow is not None else model)
+        self.layers = layer_chain(self.shadow if self.shadow is not None else model) if without_autograd else None
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -214,8 +217,8 @@ class SamplerScore:
         return lambda x: chain_input_grad(self.layers, self._cast(x)).float()
 
 
-def score_in_precision(model: torch.nn.Module, precision: str) -> SamplerScore:
+def score_in_precision(model: torch.nn.Module, precision: str, **shortcuts: bool) -> SamplerScore:
     """A synced ``SamplerScore`` of ``model``."""
-    score = SamplerScore(model, precision)
+    score = SamplerScore(model, precision, **shortcuts)
     score.sync()
     return score
