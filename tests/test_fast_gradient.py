@@ -154,4 +154,6 @@ def test_shortcuts_can_be_switched_off_for_the_benchmark():
     x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with frozen(model):
         assert torch.equal(plain(x), fast(x))  # the same forward
-        assert torch.allclose(fast.input_grad(x), _autograd_grad(plain, x), atol=1e-3)
+        ref = _autograd_grad(plain, x)
+        assert ref.abs().max() > 0
+        assert (fast.input_grad(x) - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16, sums in another order
