@@ -26,8 +26,8 @@ from pipeline.buffer import ReplayBuffer
 from pipeline.config import ConfigError, Params, with_overrides
 from pipeline.experiments import check_overrides, parse_set
 from pipeline.generate import generate_samples
-from pipeline.langevin import score_in_precision
-from pipeline.model import IMAGE_SHAPE, EnergyNet
+from pipeline.langevin import sample, score_in_precision
+from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
 from pipeline.runtime import describe, resolve_device
 from pipeline.train import cd_step
 
@@ -214,6 +214,40 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     return results
 
 
+SAMPLER_VARIANTS = (  # (label, SamplerScore shortcuts)
+    ("autograd", {"by_phases": False, "without_autograd": False}),
+    ("without autograd", {"by_phases": False}),
+    ("first layer by phases", {"without_autograd": False}),
+    ("both (the trainer's)", {}),
+)
+
+
+def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, float]:
+    """Langevin alone (one training iteration's chains) with each gradient shortcut on and off.
+
+    The four variants alternate, one call at a time, ``reps`` times; medians in seconds.
+    """
+    device = resolve_device(params.runtime)
+    lcfg, batch = params.langevin, params.train.batch_size
+    torch.set_flush_denormal(params.runtime.flush_denormal)
+    model = EnergyNet.from_config(params.model).to(device)
+    x0 = torch.rand(batch, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    scores = {label: score_in_precision(model, lcfg.precision, **kw) for label, kw in SAMPLER_VARIANTS}
+    times: dict[str, list[float]] = {label: [] for label in scores}
+    with frozen(model):
+        for rep in range(reps + 1):  # the first round warms up
+            for label, score in scores.items():
+                generator = torch.Generator(device=device).manual_seed(rep)
+                seconds = _time(lambda: sample(score, x0, lcfg, generator=generator), 1, 0, device)
+                if rep:
+                    times[label].append(seconds)
+    medians = {label: statistics.median(t) for label, t in times.items()}
+    cells = " | ".join(f"{label} {1000 * s:.1f} ms" for label, s in medians.items())
+    print(f"sampler alone ({lcfg.precision}, {batch} chains x {lcfg.steps} steps, median of {reps}): {cells}",
+          file=out, flush=True)
+    return medians
+
+
 def main(params: Params, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline bench")
     parser.add_argument("--iters", type=int, default=20, help="timed training iterations per implementation (alternating)")
@@ -221,6 +255,8 @@ def main(params: Params, argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="images per iteration (the book's 128)")
     parser.add_argument("--gen-samples", type=int, default=1000)
     parser.add_argument("--gen-steps", type=int, default=1000)
+    parser.add_argument("--ablation", type=int, default=0, metavar="N",
+                        help="also time the sampler alone with each gradient shortcut on and off, N times each")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this benchmark, e.g. --set langevin.precision=fp32")
     args = parser.parse_args(argv)
@@ -234,4 +270,6 @@ def main(params: Params, argv: list[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     run(params, args.iters, args.gen_samples, args.gen_steps)
+    if args.ablation > 0:
+        sampler_ablation(params, args.ablation)
     return 0

@@ -157,10 +157,45 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             mean, sd = _mean_sd(vals)
             cells.append(f"{fmt.format(mean)} ± {fmt.format(sd)}")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += paired(rows, recipes)
     floors = [float(r["fid_real_floor"]) for r in rows if r.get("fid_real_floor") is not None]
     if floors:
         lines += ["", f"Real-versus-real FID floor (train subset vs test, same N): {statistics.fmean(floors):.1f}."]
     return "\n".join(lines) + "\n"
+
+
+def paired(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
+    """Each later recipe against the first, seed by seed: the mean difference ± its standard error, and
+    on how many seeds the first is better (by the column's arrow). Lines of a markdown table, or none."""
+    if len(recipes) < 2:
+        return []
+    base = recipes[0]
+    scored = [c for c in COLUMNS if c[2].endswith(("↓", "↑"))]
+    out = ["", f"| seed by seed: {base} − recipe | seeds | " + " | ".join(c[2] for c in scored) + " |",
+           "|" + "---|" * (len(scored) + 2)]
+    by_seed = {(r["recipe"], r["seed"]): r for r in rows}
+    for recipe in recipes[1:]:
+        cells = [f"{base} − {recipe}", ""]
+        seeds_used: set[int] = set()
+        for _, key, title, fmt in scored:
+            diffs = []
+            for (name, seed), r in by_seed.items():
+                other = by_seed.get((base, seed))
+                if name == recipe and other and other.get(key) is not None and r.get(key) is not None:
+                    diffs.append(float(other[key]) - float(r[key]))
+                    seeds_used.add(seed)
+            if not diffs:
+                cells.append("–")
+                continue
+            mean, sd = _mean_sd(diffs)
+            se = sd / len(diffs) ** 0.5
+            better = sum(d < 0 if title.endswith("↓") else d > 0 for d in diffs)
+            cells.append(f"{fmt.format(mean)} ± {fmt.format(se)} ({better}/{len(diffs)} better)")
+        cells[1] = str(len(seeds_used))
+        out.append("| " + " | ".join(cells) + " |")
+    out.append(f"(mean ± standard error of the differences over the seeds both recipes ran; "
+               f"\"better\": seeds on which {base} is better)")
+    return out
 
 
 def figure(rows: list[dict[str, Any]], out: Path, path: Path) -> None:

@@ -166,12 +166,18 @@ class SamplerScore:
     bf16 convolutions (CPU) and cuDNN's tensor cores (GPU) prefer. The images stay float32
     throughout, since bf16 cannot resolve the sampler's 0.005 noise near |x| = 1; only the
     network's arithmetic is bf16, and the gradient comes back as float32 through the input cast.
-    The copy's one-channel stride-2 convolutions (the first layer) take their input gradient by
-    phases (``pipeline/polyphase.py``): the same forward, the same gradient up to the order of
-    its sums, about 10% less time per Langevin step on CPU. fp32 is the network as written.
+    On CPU the copy's one-channel stride-2 convolutions (the first layer) take their input
+    gradient by phases (``pipeline/polyphase.py``): the same forward, the same gradient up to the
+    order of its sums, about 10% less time per Langevin step. fp32 is the network as written.
+
+    ``input_grad`` gives the sampler d sum(score) / dx without autograd (``pipeline/inputgrad.py``),
+    bit for bit autograd's gradient of the same network.
     """
 
-    def __init__(self, model: torch.nn.Module, precision: str) -> None:
+    def __init__(
+        self, model: torch.nn.Module, precision: str, *, by_phases: bool = True, without_autograd: bool = True
+    ) -> None:
+        """``by_phases`` and ``without_autograd`` switch the two gradient shortcuts (for the benchmark)."""
         self.model = model
         self.precision = precision
         self.shadow: torch.nn.Module | None = None
@@ -180,8 +186,9 @@ class SamplerScore:
             self.shadow = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
             for p in self.shadow.parameters():
                 p.requires_grad_(False)
-            self.polyphase = polyphase_first_layers(self.shadow)
-        self.layers = layer_chain(self.shadow if self.shadow is not None else model)
+            if by_phases and next(model.parameters()).device.type == "cpu":  # measured there only
+                self.polyphase = polyphase_first_layers(self.shadow)
+        self.layers = layer_chain(self.shadow if self.shadow is not None else model) if without_autograd else None
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -210,8 +217,8 @@ class SamplerScore:
         return lambda x: chain_input_grad(self.layers, self._cast(x)).float()
 
 
-def score_in_precision(model: torch.nn.Module, precision: str) -> SamplerScore:
+def score_in_precision(model: torch.nn.Module, precision: str, **shortcuts: bool) -> SamplerScore:
     """A synced ``SamplerScore`` of ``model``."""
-    score = SamplerScore(model, precision)
+    score = SamplerScore(model, precision, **shortcuts)
     score.sync()
     return score

@@ -68,6 +68,18 @@ def test_table_means_and_floor():
     assert "| a | 2 | 15.0 ± 7.1 | 0.600 ± 0.141 | 0.850 ± 0.071 | 105 ± 7 | 10 ± 0 |" in text
     assert "| b | 1 | 30.0 ± 0.0 | – |" in text
     assert "floor (train subset vs test, same N): 2.7." in text
+    # a against b on the seeds both ran (seed 0): a's FID is 20 lower, its coverage 0.2 higher
+    assert "| a − b | 1 | -20.0 ± 0.0 (1/1 better) | – | 0.200 ± 0.000 (1/1 better) |" in text
+
+
+def test_paired_differences_count_the_better_seeds():
+    rows = [{"recipe": r, "seed": k, "fid": f, "confident_share": c}
+            for r, k, f, c in [("a", 0, 10.0, 0.5), ("a", 1, 30.0, 0.4), ("a", 2, 5.0, 0.9),
+                               ("b", 0, 20.0, 0.4), ("b", 1, 25.0, 0.5), ("b", 2, 15.0, 0.8)]]
+    text = markdown(rows)
+    # FID differences -10, +5, -10: mean -5.0, sd 8.66, se 5.0; a lower (better) on seeds 0 and 2
+    assert "| a − b | 3 | -5.0 ± 5.0 (2/3 better) | 0.033 ± 0.067 (2/3 better) | – |" in text
+    assert "a − b" not in markdown([r for r in rows if r["recipe"] == "a"])
 
 
 def test_rerunning_one_recipe_replaces_only_its_rows():

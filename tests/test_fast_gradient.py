@@ -142,3 +142,18 @@ def test_chain_input_grad_matches_autograd_on_a_plain_chain():
     x = torch.randn(4, 2, 6, 6, dtype=torch.float64)
     ref = _autograd_grad(lambda v: nn.Sequential(*layers)(v).squeeze(-1), x)
     assert torch.allclose(chain_input_grad(layers, x), ref, rtol=0, atol=1e-12)
+
+
+def test_shortcuts_can_be_switched_off_for_the_benchmark():
+    model = _net()
+    plain = score_in_precision(model, "bf16", by_phases=False, without_autograd=False)
+    assert plain.input_grad is None and plain.polyphase == []
+    assert all(type(m) is not PolyphaseConv2d for m in plain.shadow.modules())
+    fast = score_in_precision(model, "bf16")
+    assert fast.input_grad is not None and len(fast.polyphase) == 1
+    x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    with frozen(model):
+        assert torch.equal(plain(x), fast(x))  # the same forward
+        ref = _autograd_grad(plain, x)
+        assert ref.abs().max() > 0
+        assert (fast.input_grad(x) - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16, sums in another order
