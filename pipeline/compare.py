@@ -173,17 +173,17 @@ def paired(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
     scored = [c for c in COLUMNS if c[2].endswith(("↓", "↑"))]
     out = ["", f"| seed by seed: {base} − recipe | seeds | " + " | ".join(c[2] for c in scored) + " |",
            "|" + "---|" * (len(scored) + 2)]
-    by_seed = {(r["recipe"], r["seed"]): r for r in rows}
+    base_rows = {r["seed"]: r for r in rows if r["recipe"] == base}
     for recipe in recipes[1:]:
+        pairs = [(base_rows[r["seed"]], r) for r in rows if r["recipe"] == recipe and r["seed"] in base_rows]
         cells = [f"{base} − {recipe}", ""]
         seeds_used: set[int] = set()
         for _, key, title, fmt in scored:
             diffs = []
-            for (name, seed), r in by_seed.items():
-                other = by_seed.get((base, seed))
-                if name == recipe and other and other.get(key) is not None and r.get(key) is not None:
-                    diffs.append(float(other[key]) - float(r[key]))
-                    seeds_used.add(seed)
+            for mine, other in pairs:
+                if mine.get(key) is not None and other.get(key) is not None:
+                    diffs.append(float(mine[key]) - float(other[key]))
+                    seeds_used.add(other["seed"])
             if not diffs:
                 cells.append("–")
                 continue
