@@ -28,7 +28,7 @@ from pipeline.experiments import check_overrides, parse_set
 from pipeline.generate import generate_samples
 from pipeline.langevin import sample, score_in_precision
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
-from pipeline.runtime import describe, resolve_device
+from pipeline.runtime import describe, hardware, resolve_device, resolve_precision
 from pipeline.train import cd_step
 
 
@@ -125,7 +125,14 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     def emit(line: str) -> None:
         print(line, file=out, flush=True)
 
-    emit(f"device: {describe(device)}; batch {batch} x {lcfg.steps} Langevin steps; precision {lcfg.precision}")
+    precision = resolve_precision(lcfg.precision, device)
+    hw = hardware(device)
+    native = hw["bf16_native"] == "true"
+    if device.type == "cpu":
+        emit(f"cpu: {hw['cpu_model']}; ISA {hw['cpu_isa']}; {torch.get_num_threads()} threads; "
+             f"bf16 {'native' if native else 'not native (emulated)'}")
+    emit(f"device: {describe(device)}; batch {batch} x {lcfg.steps} Langevin steps; "
+         f"precision {lcfg.precision}" + (f" -> {precision}" if lcfg.precision == "auto" else ""))
 
     # (1) the eager fp32 baseline
     base_model = EnergyNet.from_config(params.model).to(device)
@@ -143,7 +150,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     buffer = ReplayBuffer(bcfg.size, IMAGE_SHAPE, bcfg.reinit_prob, device)
     buffer.push(filled)
     generator = torch.Generator(device=device).manual_seed(0)
-    score_fn = score_in_precision(model, lcfg.precision)
+    score_fn = score_in_precision(model, precision)
 
     def project() -> None:
         cd_step(model, optimizer, buffer, real, langevin_cfg=lcfg, train_cfg=tcfg, generator=generator, score_fn=score_fn)
@@ -172,6 +179,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     flops_per_step = 2 * forward_flops(model)  # forward + input-gradient backward, per image
     langevin_flops = image_steps * flops_per_step
     results = {
+        "precision": precision,
         "eager_it_per_s": 1 / eager_s,
         "project_it_per_s": 1 / project_s,
         "speedup": eager_s / project_s,
@@ -188,9 +196,13 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
 
     n = 2048 if device.type == "cpu" else 8192
     results["matmul_fp32_gflops"] = matmul_gflops(device, torch.float32, n, 3)
-    results["matmul_bf16_gflops"] = matmul_gflops(device, torch.bfloat16, n, 3)
-    emit(f"matmul {n}x{n}: fp32 {results['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {results['matmul_bf16_gflops']:.0f} "
-         f"GFLOP/s (the practical limit); Langevin reaches {results['project_gflops']:.1f} GFLOP/s "
+    if native:
+        results["matmul_bf16_gflops"] = matmul_gflops(device, torch.bfloat16, n, 3)
+        bf16 = f"bf16 {results['matmul_bf16_gflops']:.0f} GFLOP/s"
+    else:  # emulated bf16 is several times slower than fp32: minutes of matmul that tell nothing
+        bf16 = "bf16 skipped (not native here)"
+    emit(f"matmul {n}x{n}: fp32 {results['matmul_fp32_gflops']:.0f} GFLOP/s, {bf16} (the practical limit); "
+         f"Langevin reaches {results['project_gflops']:.1f} GFLOP/s "
          f"({100 * results['project_gflops'] / results['matmul_fp32_gflops']:.0f}% of fp32 matmul)")
 
     gen_cfg = with_overrides(
@@ -214,16 +226,19 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     return results
 
 
-SAMPLER_VARIANTS = (  # (label, SamplerScore shortcuts)
-    ("autograd", {"by_phases": False, "without_autograd": False}),
-    ("without autograd", {"by_phases": False}),
-    ("first layer by phases", {"without_autograd": False}),
-    ("both (the trainer's)", {}),
+SAMPLER_VARIANTS = (  # (label, SamplerScore shortcuts), each adding one to the one before
+    ("as written", {"channels_last": False, "without_autograd": False, "by_phases": False}),
+    ("+ channels-last", {"without_autograd": False, "by_phases": False}),
+    ("+ without autograd", {"by_phases": False}),
+    ("+ first layer by phases (the trainer's)", {}),
 )
 
 
 def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, float]:
-    """Langevin alone (one training iteration's chains) with each gradient shortcut on and off.
+    """Langevin alone (one training iteration's chains), adding the sampler's shortcuts one at a time.
+
+    "as written" is the network itself under autograd (bf16: its bf16 copy, which is always
+    channels-last, so the first two coincide there).
 
     The four variants alternate, one call at a time, ``reps`` times; medians in seconds.
     """
@@ -232,7 +247,8 @@ def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, flo
     torch.set_flush_denormal(params.runtime.flush_denormal)
     model = EnergyNet.from_config(params.model).to(device)
     x0 = torch.rand(batch, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-    scores = {label: score_in_precision(model, lcfg.precision, **kw) for label, kw in SAMPLER_VARIANTS}
+    precision = resolve_precision(lcfg.precision, device)
+    scores = {label: score_in_precision(model, precision, **kw) for label, kw in SAMPLER_VARIANTS}
     times: dict[str, list[float]] = {label: [] for label in scores}
     with frozen(model):
         for rep in range(reps + 1):  # the first round warms up
@@ -243,7 +259,7 @@ def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, flo
                     times[label].append(seconds)
     medians = {label: statistics.median(t) for label, t in times.items()}
     cells = " | ".join(f"{label} {1000 * s:.1f} ms" for label, s in medians.items())
-    print(f"sampler alone ({lcfg.precision}, {batch} chains x {lcfg.steps} steps, median of {reps}): {cells}",
+    print(f"sampler alone ({precision}, {batch} chains x {lcfg.steps} steps, median of {reps}): {cells}",
           file=out, flush=True)
     return medians
 

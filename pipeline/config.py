@@ -88,7 +88,7 @@ class LangevinConfig:
     step_size: float = 10.0
     noise: float = 0.005
     grad_clip: float = 0.03  # elementwise clip of the input gradient; 0 disables it
-    precision: str = "fp32"  # fp32 | bf16: arithmetic of the network inside the sampler
+    precision: str = "auto"  # auto | fp32 | bf16: arithmetic of the network inside the sampler
     workers: int = 0  # CPU: groups of chains run side by side, one core each; 0 = one per core
 
     def validate(self, section: str) -> None:
@@ -102,8 +102,8 @@ class LangevinConfig:
             raise _allowed(f"{section}.noise", self.noise, "a number >= 0")
         if self.grad_clip < 0:
             raise _allowed(f"{section}.grad_clip", self.grad_clip, "a number >= 0 (0 = no clip)")
-        if self.precision not in ("fp32", "bf16"):
-            raise _allowed(f"{section}.precision", self.precision, "one of fp32, bf16")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise _allowed(f"{section}.precision", self.precision, "one of auto, fp32, bf16")
 
 
 @dataclass(frozen=True)

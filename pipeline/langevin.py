@@ -14,7 +14,7 @@ import torch
 from pipeline.config import LangevinConfig
 from pipeline.inputgrad import chain_input_grad, layer_chain
 from pipeline.polyphase import PolyphaseConv2d, polyphase_first_layers
-from pipeline.runtime import chain_workers
+from pipeline.runtime import chain_workers, resolve_precision
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -160,33 +160,47 @@ def _chains(
 class SamplerScore:
     """The model as the sampler's score callable, in the sampler's precision.
 
-    fp32 calls the model itself. bf16 runs a bf16 copy of the weights (refreshed by ``sync()``
-    after each optimizer step): casting the weights once per training iteration instead of on
-    every Langevin step, which autocast would do, and in channels-last layout, which oneDNN's
-    bf16 convolutions (CPU) and cuDNN's tensor cores (GPU) prefer. The images stay float32
-    throughout, since bf16 cannot resolve the sampler's 0.005 noise near |x| = 1; only the
-    network's arithmetic is bf16, and the gradient comes back as float32 through the input cast.
-    On CPU the copy's one-channel stride-2 convolutions (the first layer) take their input
-    gradient by phases (``pipeline/polyphase.py``): the same forward, the same gradient up to the
-    order of its sums, about 10% less time per Langevin step. fp32 is the network as written.
+    The sampler runs a copy of the weights, refreshed by ``sync()`` after each optimizer step, in
+    channels-last layout, which oneDNN's convolutions (CPU) and cuDNN's tensor cores (GPU) prefer:
+    in bf16 wherever bf16 is chosen, and in fp32 on the CPU. bf16 casts the weights once per
+    training iteration instead of on every Langevin step, which autocast would do. The images
+    stay float32 throughout, since bf16 cannot resolve the sampler's 0.005 noise near |x| = 1;
+    only the network's arithmetic is bf16, and the gradient comes back as float32 through the
+    input cast. On CPU the copy's one-channel stride-2 convolutions (the first layer) take their
+    input gradient by phases (``pipeline/polyphase.py``): the same forward, the same gradient up
+    to the order of its sums, and in fp32 about 4x faster than oneDNN's own for this layer. fp32
+    on a GPU is the network as written.
 
     ``input_grad`` gives the sampler d sum(score) / dx without autograd (``pipeline/inputgrad.py``),
-    bit for bit autograd's gradient of the same network.
+    bit for bit autograd's gradient of the same copy.
     """
 
     def __init__(
-        self, model: torch.nn.Module, precision: str, *, by_phases: bool = True, without_autograd: bool = True
+        self,
+        model: torch.nn.Module,
+        precision: str,
+        *,
+        by_phases: bool = True,
+        without_autograd: bool = True,
+        channels_last: bool = True,
     ) -> None:
-        """``by_phases`` and ``without_autograd`` switch the two gradient shortcuts (for the benchmark)."""
+        """``precision``: ``auto`` (bf16 where the hardware runs it natively, else fp32), fp32 or bf16.
+
+        ``by_phases``, ``without_autograd`` and ``channels_last`` switch the gradient shortcuts
+        and the fp32 copy's layout (for the benchmark's ablation).
+        """
+        device = next(model.parameters()).device
         self.model = model
-        self.precision = precision
+        self.precision = resolve_precision(precision, device)
         self.shadow: torch.nn.Module | None = None
         self.polyphase: list[PolyphaseConv2d] = []
-        if precision == "bf16":
-            self.shadow = copy.deepcopy(model).to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        on_cpu = device.type == "cpu"
+        if self.precision == "bf16" or (on_cpu and channels_last):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            self.shadow = copy.deepcopy(model).to(dtype=dtype, memory_format=torch.channels_last)
             for p in self.shadow.parameters():
                 p.requires_grad_(False)
-            if by_phases and next(model.parameters()).device.type == "cpu":  # measured there only
+            if by_phases and on_cpu:  # measured there only
                 self.polyphase = polyphase_first_layers(self.shadow)
         self.layers = layer_chain(self.shadow if self.shadow is not None else model) if without_autograd else None
 
@@ -204,7 +218,8 @@ class SamplerScore:
         return self.shadow(self._cast(x)).float()
 
     def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return x.to(dtype).contiguous(memory_format=torch.channels_last)
 
     @property
     def input_grad(self) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import platform
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,3 +48,48 @@ def describe(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 arithmetic in hardware, rather than emulating it in fp32.
+
+    CPU: oneDNN's bf16 kernels on AVX512-BF16 or AMX. Elsewhere (AVX2, or AVX-512 without
+    BF16) oneDNN emulates bf16 by conversions around fp32 arithmetic, several times slower than
+    fp32 itself. CUDA: a GPU with bf16 units (compute capability 8.0 and newer).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where the hardware runs bf16 natively, else ``fp32``; explicit choices stay."""
+    if requested != "auto":
+        return requested
+    return "bf16" if bf16_is_native(device) else "fp32"
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``lscpu``'s "Model name"), or what Python knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def hardware(device: torch.device) -> dict[str, str]:
+    """What a run ran on, for the benchmark's first line and the MLflow tags."""
+    if device.type == "cuda":
+        return {"device": describe(device), "bf16_native": str(bf16_is_native(device)).lower()}
+    return {
+        "device": describe(device),
+        "cpu_model": cpu_model(),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": str(bf16_is_native(device)).lower(),
+    }

@@ -33,6 +33,7 @@ from pipeline.distributed import SINGLE, Dist
 from pipeline.langevin import sample, score_in_precision
 from pipeline.losses import contrastive_divergence
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
+from pipeline.runtime import resolve_precision
 
 LOGGED = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
 
@@ -102,10 +103,17 @@ class TrainResult:
 
 
 def fingerprint(params: Params, data_digest: str) -> str:
-    """What must match for a checkpoint to be resumed: every training input."""
+    """What must match for a checkpoint to be resumed: every training input.
+
+    The device and the sampler's precision are left out as written (``auto`` may resolve
+    differently on another machine); the checkpoint records what they resolved to, and
+    ``Trainer.try_resume`` compares that.
+    """
     relevant = {
         s: dataclasses.asdict(getattr(params, s)) for s in ("data", "model", "langevin", "buffer", "train", "runtime")
     }
+    relevant["runtime"].pop("device")
+    relevant["langevin"].pop("precision")
     relevant["data_digest"] = data_digest
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
 
@@ -150,7 +158,9 @@ class Trainer:
         )
         self.buffer = ReplayBuffer(params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob, device)
         self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed + dist.rank)
-        self.score_fn = score_in_precision(self.model, params.langevin.precision)
+        # The sampler's arithmetic: `auto` is bf16 only where the hardware runs it natively.
+        self.precision = resolve_precision(params.langevin.precision, device)
+        self.score_fn = score_in_precision(self.model, self.precision)
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.rollbacks = 0
@@ -189,6 +199,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
+            "resolved": {"device": self.device.type, "precision": self.precision},
             "step": self.step,
             "model": self.model.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -216,8 +227,11 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.buffer.load_state_dict(state["buffer"])
-        if state["rng"] is not None:
+        same_device = (state.get("resolved") or {}).get("device", self.device.type) == self.device.type
+        if state["rng"] is not None and same_device:
             set_rng_state(state["rng"], {"train": self.generator})
+        elif state["rng"] is not None:  # another device's generator state does not fit this one's
+            self.generator.manual_seed(self._reseed(int(state["step"])))
         else:  # a rank the checkpoint has no state for: it was written by fewer processes
             self.generator.manual_seed(self.cfg.seed + self.dist.rank)
         self.step = int(state["step"])
@@ -240,12 +254,40 @@ class Trainer:
         return self.dist.share_state(read)
 
     def try_resume(self) -> bool:
-        """Resume from the checkpoint if it belongs to this exact configuration and data."""
+        """Resume from the checkpoint if it belongs to this exact configuration and data.
+
+        A checkpoint whose sampler ran in another precision stops the run (mixing precisions
+        within one run would make it neither): ``CheckpointError``, one line. One written on
+        another device type carries over: weights, optimizer, replay buffer and step move to this
+        device; its random-number state cannot, so the generator is reseeded from the seed and
+        the step, deterministically, and a line says so.
+        """
         state = self._read_checkpoint()
         if state is None:
             return False
+        resolved = state.get("resolved") or {}
+        precision = resolved.get("precision", self.precision)
+        if precision != self.precision:
+            raise CheckpointError(
+                f"train: the checkpoint {self.checkpoint_path} sampled in {precision}, but langevin.precision="
+                f"{self.params.langevin.precision} is {self.precision} here; set langevin.precision: {precision} "
+                f"to resume it, or delete the checkpoint to start over"
+            )
+        device_type = resolved.get("device", self.device.type)
         self.load_state(state)
+        if device_type != self.device.type:
+            if self.dist.is_main:
+                print(
+                    f"train: the checkpoint was written on {device_type}, resuming on {self.device.type}: weights, "
+                    f"optimizer and replay buffer carry over; the random numbers restart from seed "
+                    f"{self._reseed(self.step)} (train.seed and step {self.step})",
+                    file=sys.stderr,
+                )
         return True
+
+    def _reseed(self, step: int) -> int:
+        """A generator seed derived from ``train.seed``, the rank and ``step`` (a cross-device resume)."""
+        return (self.cfg.seed * 1_000_003 + step) * 1_009 + self.dist.rank
 
     @staticmethod
     def checkpoint_run_id(path: str | Path) -> str | None:

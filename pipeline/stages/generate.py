@@ -11,7 +11,7 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.figures import save_chain, save_grid
 from pipeline.generate import generate_samples
-from pipeline.runtime import resolve_device
+from pipeline.runtime import resolve_device, resolve_precision
 from pipeline.stages.common import load_energy_model, write_json
 
 
@@ -34,7 +34,12 @@ def run(params: Params, progress: bool = True) -> dict:
         + (", EMA weights" if blob.get("ema") else ""),
     )
     save_chain(snapshots, out / "chain.png")
-    metrics = {"generate_seconds": round(seconds, 2), "n_samples": len(samples), "steps": params.generate.steps}
+    metrics = {
+        "generate_seconds": round(seconds, 2),
+        "n_samples": len(samples),
+        "steps": params.generate.steps,
+        "precision": resolve_precision(params.langevin.precision, device),
+    }
     write_json(metrics, Path(params.paths.metrics_dir) / "generate.json")
 
     tracker.log_metrics_file(Path(params.paths.metrics_dir) / "generate.json")  # generate.<key>

@@ -19,7 +19,7 @@ from pipeline.checkpoint import MODEL_FORMAT, atomic_save
 from pipeline.config import Params
 from pipeline.figures import save_curves, save_grid
 from pipeline.model import EnergyNet, count_parameters
-from pipeline.runtime import describe, seed_everything
+from pipeline.runtime import describe, hardware, seed_everything
 from pipeline.stages.common import file_md5, split_path, write_json
 from pipeline.train import Trainer, TrainingInterrupted
 
@@ -65,10 +65,12 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
             print(f"train: resuming from step {trainer.step} of {trainer.total_steps} ({checkpoint})")
     else:
         trainer.save_checkpoint()  # records the run id, so a resume after a kill logs into the same run
-    if not resumed:
-        tracker.log_params(params.flat())
+    if not resumed:  # a resume runs in the same precision (Trainer.try_resume refuses another)
+        tracker.log_params({**params.flat(), "langevin.precision_resolved": trainer.precision})
     tracker.set_tags(
         {
+            **{f"hardware.{k}": v for k, v in hardware(device).items()},
+            "precision": trainer.precision,
             "device": describe(device),
             "torch": torch.__version__,
             "model.parameters": str(count_parameters(trainer.model)),
@@ -111,6 +113,7 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
             "trained_model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
             "model_config": {"channels": list(params.model.channels), "hidden": params.model.hidden},
             "params": params.flat(),
+            "precision": trainer.precision,
             "steps": result.steps,
         },
         model_path,
@@ -126,6 +129,7 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
         "rollbacks": result.rollbacks,
         "train_seconds": round(result.seconds, 2),
         "seconds_per_step": round(result.seconds / max(1, result.steps - result.resumed_from), 4),
+        "precision": trainer.precision,
     }
     write_json(metrics, Path(params.paths.metrics_dir) / "train.json")
     plots = Path(params.paths.plots_dir)
@@ -145,7 +149,7 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
     tracker.close("FINISHED")
     checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale checkpoint would be resumed
     print(
-        f"train: {result.steps} steps in {result.seconds:.1f}s on {describe(device)}; "
+        f"train: {result.steps} steps in {result.seconds:.1f}s on {describe(device)}, sampler in {trainer.precision}; "
         f"final loss {last['loss']:.4f} -> {model_path}"
     )
     return metrics
