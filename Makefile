@@ -8,7 +8,7 @@ SHELL  := /bin/bash
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run test ui serve bench book compare clean
+.PHONY: setup run test ui serve serve-model bench book compare clean
 
 setup: $(STAMP)
 
@@ -27,13 +27,25 @@ run: setup
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
+UI_PORT    ?= 5000
+MODEL_PORT ?= 5001
+
 # The pipeline's default store (pipeline/tracking.py): mlflow.db at the repository root, artifacts
-# beside it in mlartifacts/. Experiments created from the UI get the same artifact root.
+# beside it in mlartifacts/. Experiments created from the UI get the same artifact root. The first line
+# printed is the address of the experiment's runs table (MLflow 3's UI otherwise opens on its GenAI view).
 ui: setup
+	@$(BIN)/python -c 'import sys; from pipeline.config import load_params; from pipeline.tracking import ui_url; \
+		print("ui: the runs of the experiment:", ui_url(sys.argv[1], load_params().tracking.experiment, sys.argv[2]))' \
+		"http://127.0.0.1:$(UI_PORT)" "sqlite:///$(CURDIR)/mlflow.db"
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlflow.db" \
 		--default-artifact-root "file://$(CURDIR)/mlartifacts" \
 		--artifacts-destination "file://$(CURDIR)/mlartifacts" \
-		--host 127.0.0.1 --port 5000
+		--host 127.0.0.1 --port $(UI_PORT)
+
+# The registry's champion (models:/<registry.model_name>@champion in mlflow.db, set by the register stage)
+# as MLflow's scoring server on http://127.0.0.1:$(MODEL_PORT)/invocations, in this virtualenv, until Ctrl-C.
+serve-model: setup
+	$(BIN)/python -m pipeline serve-model --port $(MODEL_PORT)
 
 # A local Prefect server (UI and API on http://127.0.0.1:4200; PREFECT_PORT picks another port),
 # started in the background unless one already answers there, and the nightly deployment of

@@ -10,20 +10,20 @@ import argparse
 import os
 import sys
 
-STAGES = ("prepare", "train_classifier", "train", "generate", "evaluate")
+STAGES = ("prepare", "train_classifier", "train", "generate", "evaluate", "register")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # `flow`, `bench` and `compare` have options of their own (and their own --help): hand them the rest.
-    sub = bool(argv) and argv[0] in ("flow", "bench", "compare")
+    # `flow`, `bench`, `compare` and `serve-model` have options of their own (and their own --help).
+    sub = bool(argv) and argv[0] in ("flow", "bench", "compare", "serve-model")
     parser = argparse.ArgumentParser(
         prog="python -m pipeline", description=__doc__.splitlines()[0], add_help=not sub
     )
     parser.add_argument(
         "command",
-        choices=(*STAGES, "flow", "bench", "compare"),
-        help="a DVC stage, the Prefect flow, the benchmark, or the recipe comparison",
+        choices=(*STAGES, "flow", "bench", "compare", "serve-model"),
+        help="a DVC stage, the Prefect flow, the benchmark, the recipe comparison, or serving the champion",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
-            if args.command in ("prepare", "evaluate"):
+            if args.command in ("prepare", "evaluate", "register"):
                 stage.run(params)
             else:
                 stage.run(params, progress=progress)
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.compare import main as compare_main
 
             return compare_main(extra, params_path=args.params)
+        elif args.command == "serve-model":
+            return serve_model(params, extra)
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + exc.signum
@@ -76,6 +78,27 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     return 0
+
+
+def serve_model(params, argv: list[str]) -> int:
+    """``python -m pipeline serve-model [--port N]``: ``mlflow models serve`` of the registry's champion.
+
+    Binds 127.0.0.1 only. Checks first that the champion exists (one line, exit 1, if not), then
+    replaces this process with MLflow's scoring server, which Ctrl-C stops.
+    """
+    parser = argparse.ArgumentParser(prog="python -m pipeline serve-model", description=serve_model.__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=5001, help="the port on 127.0.0.1 (default 5001)")
+    args = parser.parse_args(argv)
+    from pipeline import tracking
+
+    uri = tracking.tracking_uri()
+    version = tracking.champion_version(params.registry, uri)  # TrackingError: one line, exit 1
+    model_uri = f"models:/{params.registry.model_name}@champion"
+    print(f"serve-model: {model_uri} (version {version}) on http://127.0.0.1:{args.port}/invocations", flush=True)
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves models:/ in the same store
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    os.execv(sys.executable, [*command, "-h", "127.0.0.1", "-p", str(args.port)])
+    return 1  # not reached
 
 
 if __name__ == "__main__":

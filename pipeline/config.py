@@ -9,6 +9,7 @@ loaded (and rejected) before anything heavy is imported.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class PathsConfig:
     classifier: str = "models/classifier.pt"
     model: str = "models/ebm.pt"
     run_info: str = "models/run.json"
+    registry_info: str = "models/registry.json"  # the register stage's record: version, alias, decision
     checkpoint_dir: str = "models/checkpoints"
     samples_dir: str = "samples"
     metrics_dir: str = "metrics"
@@ -239,6 +241,20 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    enabled: bool = True  # register each trained model (needs tracking.enabled)
+    model_name: str = "ebm-mnist"  # the registered model in MLflow's model registry
+    fid_margin: float = 5.0  # `champion` moves only to a version whose FID is at least this much lower
+
+    def validate(self, section: str) -> None:
+        # MLflow accepts most names, but a name is also part of `models:/<name>@champion` URIs.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name):
+            raise _allowed(f"{section}.model_name", self.model_name, "letters, digits, '.', '_' or '-'")
+        if not self.fid_margin >= 0:
+            raise _allowed(f"{section}.fid_margin", self.fid_margin, "a number >= 0 (FID units)")
+
+
+@dataclass(frozen=True)
 class Params:
     paths: PathsConfig = field(default_factory=PathsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -251,6 +267,7 @@ class Params:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

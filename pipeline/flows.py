@@ -11,6 +11,10 @@ With overrides (``{"train.alpha": 0.2}``) the run is a DVC experiment instead:
 ``.dvc/tmp/exps``; params.yaml and the outputs in the workspace stay as they are, and the
 result is listed by ``dvc exp show`` (``dvc exp apply <name>`` brings it into the workspace).
 
+The last stage, ``register``, puts the model through the registry's FID gate, so the nightly
+deployment is a continuous-training loop: the flow's markdown artifact opens with whether the
+night's model was promoted to ``champion`` (what ``make serve-model`` serves), and why.
+
 No ML here: the stages are ``python -m pipeline <stage>`` commands run by DVC.
 """
 
@@ -51,6 +55,7 @@ from pipeline.experiments import (  # noqa: E402
     experiment_copy_paths,
     exp_run_args,
     experiment_results,
+    json_at,
     parse_set,
 )
 
@@ -248,11 +253,41 @@ def workspace_results(repo: Path, params: Params) -> tuple[dict[str, Any], str |
     return metrics, run_id
 
 
+def registry_outcome(repo: Path, params: Params, rev: str | None = None) -> dict[str, Any] | None:
+    """What the register stage decided (``paths.registry_info``), in the workspace or in commit ``rev``."""
+    rel = Path(params.paths.registry_info)
+    if rev is not None:
+        return json_at(repo, rev, rel.as_posix()) or None
+    try:
+        data = json.loads((repo / rel).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def registry_markdown(outcome: dict[str, Any] | None) -> list[str]:
+    """Whether the night's model was promoted, and why (the gate's reason, with both FIDs)."""
+    lines = ["## Model registry", ""]
+    if not outcome:
+        return lines + ["No registry record (the register stage has not run).", ""]
+    if not outcome.get("registered"):
+        return lines + [f"**Not registered**: {outcome.get('reason', 'no reason recorded')}.", ""]
+    name, version = outcome.get("model_name"), outcome.get("version")
+    if outcome.get("promoted"):
+        head = f"**Promoted**: `{name}` version {version} is the `champion` (`models:/{name}@champion`, what is served)."
+    else:
+        held = outcome.get("champion_before") or {}
+        stays = f"; `champion` stays on version {held['version']}" if held.get("version") else ""
+        head = f"**Not promoted**: `{name}` version {version} is the `challenger`{stays}."
+    return lines + [head, "", f"Why: {outcome.get('reason', 'no reason recorded')}.", ""]
+
+
 def report_markdown(
     stages: dict[str, str],
     metrics: dict[str, Any],
     run_id: str | None,
     experiment: dict[str, Any] | None = None,
+    registry: dict[str, Any] | None = None,
 ) -> str:
     lines = [f"# {FLOW_NAME}", ""]
     if experiment:
@@ -272,6 +307,7 @@ def report_markdown(
         lines += ["MLflow run id: not in the experiment commit (the run-info file is git-ignored).", ""]
     else:
         lines += ["MLflow run id: none (no run-info file).", ""]
+    lines += registry_markdown(registry)
     lines += ["## Stages", "", "| Stage | DVC |", "|---|---|"]
     lines += [f"| {s} | {STATUS_TEXT[stages.get(s, 'unknown')]} |" for s in STAGES]
     lines += ["", "## Metrics", ""]
@@ -290,22 +326,26 @@ def report_markdown(
 
 @task(name="publish-report", cache_policy=NO_CACHE)
 def publish_report(repo_dir: str, params: Params, stages: dict[str, str], experiment: dict[str, Any] | None) -> dict:
-    """A markdown artifact with the stage outcomes, the metrics table and the MLflow run id."""
+    """A markdown artifact: whether the model was promoted and why, the stage outcomes, the metrics, the MLflow run."""
     repo = Path(repo_dir)
     if experiment:
         metrics, run_id, rev = experiment_results(repo, params, experiment["name"])
         experiment = {**experiment, "rev": rev}
+        registry = registry_outcome(repo, params, rev) if rev else None
     else:
         metrics, run_id = workspace_results(repo, params)
-    markdown = report_markdown(stages, metrics, run_id, experiment)
-    create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description=f"{FLOW_NAME}: metrics and MLflow run")
-    return {"metrics": metrics, "run_id": run_id, "markdown": markdown}
+        registry = registry_outcome(repo, params)
+    markdown = report_markdown(stages, metrics, run_id, experiment, registry)
+    create_markdown_artifact(
+        markdown=markdown, key=ARTIFACT_KEY, description=f"{FLOW_NAME}: promoted or not, metrics and MLflow run"
+    )
+    return {"metrics": metrics, "run_id": run_id, "registry": registry, "markdown": markdown}
 
 
 # ------------------------------------------------------------------ the flow
 
 
-@flow(name=FLOW_NAME, description="The DVC pipeline (prepare -> evaluate), each stage run through DVC.")
+@flow(name=FLOW_NAME, description="The DVC pipeline (prepare -> register), each stage run through DVC.")
 def ebm_pipeline(
     overrides: dict[str, Any] | None = None,
     retries: int = DEFAULT_RETRIES,
@@ -337,7 +377,13 @@ def ebm_pipeline(
     else:
         stages = {stage: run_stage.with_options(**options)(stage, str(repo)) for stage in STAGES}
     report = publish_report(str(repo), params, stages, experiment)
-    return {"stages": stages, "experiment": experiment, "run_id": report["run_id"], "metrics": report["metrics"]}
+    return {
+        "stages": stages,
+        "experiment": experiment,
+        "run_id": report["run_id"],
+        "metrics": report["metrics"],
+        "registry": report["registry"],
+    }
 
 
 # ------------------------------------------------------------------ deployment
@@ -464,5 +510,15 @@ def main(argv: list[str] | None = None, params_path: str = PARAMS_FILE) -> int:
     summary = state.result()
     outcome = ", ".join(f"{s} {summary['stages'].get(s, 'unknown')}" for s in STAGES)
     where = f"experiment {summary['experiment']['name']}" if summary["experiment"] else "workspace"
-    print(f"flow: {where}: {outcome} ({time.monotonic() - started:.0f}s); MLflow run {summary['run_id'] or '-'}")
+    registry = summary.get("registry") or {}
+    registered = (
+        f"; {registry['model_name']} v{registry['version']} {registry['alias']}"
+        f" ({'promoted' if registry['promoted'] else 'not promoted'})"
+        if registry.get("registered")
+        else ""
+    )
+    print(
+        f"flow: {where}: {outcome} ({time.monotonic() - started:.0f}s); "
+        f"MLflow run {summary['run_id'] or '-'}{registered}"
+    )
     return 0

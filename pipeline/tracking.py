@@ -11,6 +11,15 @@ repository root. A SQLite store keeps its artifacts beside the database file, in
 Failure policy: a store that cannot be used stops a stage *before* any work, with one line
 naming the URI (``preflight``). Once a stage has started, tracking never throws its work
 away: an MLflow failure after that prints one warning line and the stage carries on untracked.
+
+What the UI shows: the experiment is a model-training experiment (``mlflow.experimentKind``),
+each run carries MLflow's own source tags (Source and Version columns) and a description
+(``mlflow.note.content``, from pipeline/provenance.py), the prepared data as dataset inputs
+whose digest is the DVC md5, and image grids logged with a key and a step (a step slider).
+Model registry: ``register_model`` logs the served scoring model (pipeline/serving.py) into the
+run, registers it as one version per trained model, and moves the aliases ``champion`` and
+``challenger`` as the quality gate (pipeline/gate.py) decides. A registry failure is one line
+(``RegistryError``) and fails the register stage, so that DVC runs it again.
 """
 
 from __future__ import annotations
@@ -20,7 +29,6 @@ import functools
 import json
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import urllib.error
@@ -29,18 +37,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import TrackingConfig
+from pipeline import gate
+from pipeline.config import RegistryConfig, TrackingConfig
+from pipeline.provenance import git
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 MODEL_NAME = "energy_model"
+# The experiment tag the MLflow UI reads for an experiment's type (its own type selector writes it):
+# "custom_model_development" is "Machine learning", whose experiment page is the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+NOTE_TAG = "mlflow.note.content"  # the run's description in the UI
+LATER_PARAMS = "- **Later stages ran with other params:** "
+# The MLflow 3 UI has a global GenAI / Model-training switch that decides which page an experiment
+# opens on; this URL parameter selects "Model training" (the UI then remembers it).
+UI_WORKFLOW_QUERY = "workflowType=machine_learning"
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used, worded as one line."""
 
 
-def _one_line(exc: BaseException) -> str:
+class RegistryError(TrackingError):
+    """Registering or gating a model failed; one line."""
+
+
+def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
@@ -127,23 +150,43 @@ def git_tags(where: Path, generated: tuple[str, ...] = ()) -> dict[str, str]:
 
     Changes to ``generated`` paths (dvc.lock and the pipeline's own outputs, which a running
     ``dvc repro`` rewrites stage by stage) do not make the tree dirty: only code and params do.
+    Also as MLflow's own tags: the UI's Version column is ``mlflow.source.git.commit``.
     """
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
+    commit = git(where, "rev-parse", "HEAD")
     excluded = [f":(exclude){p}" for p in ("dvc.lock", *generated)]
-    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    status = git(where, "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     tags = {"git.commit": commit or "unknown"}
     if commit:
-        tags["mlflow.source.git.commit"] = commit  # shown by the MLflow UI
+        tags["mlflow.source.git.commit"] = commit
     if status is not None:
-        tags["git.dirty"] = str(bool(status)).lower()
+        tags["git.dirty"] = tags["mlflow.source.git.dirty"] = str(bool(status)).lower()
+    branch = git(where, "rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":  # not on a detached HEAD (dvc exp run --temp)
+        tags["mlflow.source.git.branch"] = branch
+    remote = git(where, "config", "--get", "remote.origin.url")
+    if remote:
+        tags["mlflow.source.git.repoURL"] = remote
+    return tags
+
+
+def source_tags(stage: str, root: Path | None = None) -> dict[str, str]:
+    """MLflow's own source tags: the UI's Source column shows ``<project>:<entry point>``.
+
+    The project is the repository (its origin URL when it has one, else its folder, of which
+    the UI shows the last component); the entry point is the DVC stage that opened the run.
+    """
+    import getpass
+
+    root = root or project_root()
+    tags = {
+        "mlflow.source.type": "PROJECT",
+        "mlflow.source.name": git(root, "config", "--get", "remote.origin.url") or str(root),
+        "mlflow.project.entryPoint": stage,
+    }
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (KeyError, OSError):  # no user name, e.g. a container user without a passwd entry
+        pass
     return tags
 
 
@@ -180,8 +223,13 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_metrics_file(self, path: str | Path, step: int | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
+    def tags(self) -> dict[str, str]:
+        return {}
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_figure(self, figure: Any, name: str) -> None: ...
+    def log_image(self, image: Any, key: str, step: int) -> None: ...
+    def log_dataset(self, **kwargs: Any) -> None: ...
     def log_model(self, model: Any, input_example: Any) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
@@ -200,7 +248,7 @@ def _guarded(method):
         except (MlflowException, OSError) as exc:
             self.broken = True
             print(
-                f"tracking: {method.__name__} failed on {self.uri} ({_one_line(exc)}); "
+                f"tracking: {method.__name__} failed on {self.uri} ({one_line(exc)}); "
                 f"run {self.run_id} is incomplete, carrying on without tracking",
                 file=sys.stderr,
             )
@@ -263,6 +311,40 @@ class MlflowTracker:
     def log_figure(self, figure: Any, name: str) -> None:
         self.client.log_figure(self.run_id, figure, name)
 
+    def tags(self) -> dict[str, str]:
+        """The run's tags as they are now ({} when the store fails: one warning line)."""
+        return self._tags() or {}
+
+    @_guarded
+    def _tags(self) -> dict[str, str]:
+        return dict(self.client.get_run(self.run_id).data.tags)
+
+    @_guarded
+    def log_image(self, image: Any, key: str, step: int) -> None:
+        """An image in a series ``key`` at training step ``step``: the UI steps through the series and
+        puts runs side by side in the compare view. ``image``: (H, W) floats in [0, 1] or uint8."""
+        self.client.log_image(self.run_id, image, key=key, step=int(step), synchronous=True)
+
+    @_guarded
+    def log_dataset(
+        self, name: str, digest: str, source: str | Path, features: Any, targets: Any, context: str
+    ) -> None:
+        """A dataset input of the run (the UI's Dataset column): ``name`` with ``digest`` (DVC's md5 of
+        ``source``), its schema and profile computed from ``features`` and ``targets``."""
+        import mlflow
+        import mlflow.data
+        from mlflow.data.sources import LocalArtifactDatasetSource
+
+        dataset = mlflow.data.from_numpy(
+            features,
+            targets=targets,
+            source=LocalArtifactDatasetSource(str(Path(source).resolve())),
+            name=name,
+            digest=digest,
+        )
+        with active_run(self.run_id, self.uri):
+            mlflow.log_input(dataset, context=context)
+
     @_guarded
     def log_model(self, model: Any, input_example: Any) -> None:
         import mlflow
@@ -276,7 +358,7 @@ class MlflowTracker:
         signature = infer_signature(input_example, output)
         # Explicit requirements: inferring them imports and inspects the environment (slow, noisy).
         requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-        with _active_run(self.run_id, self.uri):
+        with active_run(self.run_id, self.uri):
             try:
                 mlflow.pytorch.log_model(
                     model,
@@ -290,7 +372,7 @@ class MlflowTracker:
             except (MlflowException, OSError):
                 raise  # the store itself failed: _guarded reports it
             except Exception as exc:  # noqa: BLE001 - e.g. torch.export; the model file is already saved
-                print(f"tracking: the MLflow model was not logged ({_one_line(exc)})", file=sys.stderr)
+                print(f"tracking: the MLflow model was not logged ({one_line(exc)})", file=sys.stderr)
 
     @_guarded
     def close(self, status: str = "FINISHED") -> None:
@@ -325,7 +407,7 @@ def using_uri(uri: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _active_run(run_id: str, uri: str) -> Iterator[None]:
+def active_run(run_id: str, uri: str) -> Iterator[None]:
     """Temporarily make ``run_id`` the active run for fluent-only MLflow APIs (log_model)."""
     import mlflow
 
@@ -354,7 +436,7 @@ def _client(uri: str) -> Any:
             client = MlflowClient(tracking_uri=uri)
             client.search_experiments(max_results=1)  # opens (and for SQLite creates) the store
     except Exception as exc:  # noqa: BLE001 - any store problem, one line
-        raise TrackingError(f"tracking: cannot use the MLflow store {uri} ({_one_line(exc)})") from None
+        raise TrackingError(f"tracking: cannot use the MLflow store {uri} ({one_line(exc)})") from None
     return client
 
 
@@ -377,38 +459,72 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
 
 
+def store_client(uri: str | None = None) -> Any:
+    """An MlflowClient on ``uri`` (default: ``tracking_uri()``); a store that cannot be used is a TrackingError."""
+    return _client(uri or tracking_uri())
+
+
 def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The experiment's id, created if needed, and kept a model-training experiment."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location(uri, name),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
+        except Exception:  # noqa: BLE001 - another process created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:  # an older store, or the UI's GenAI default
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def ui_url(base: str, experiment: str, uri: str | None = None) -> str:
+    """The MLflow UI's page of ``experiment``'s runs, in the Model-training view (not GenAI's overview).
+
+    Without the experiment in the store (nothing trained yet), the list of experiments.
+    """
+    base = base.rstrip("/")
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
-    except Exception:  # noqa: BLE001 - another process created it first
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+        found = _client(uri or tracking_uri()).get_experiment_by_name(experiment)
+    except TrackingError:
+        found = None
+    if found is None:
+        return f"{base}/#/experiments?{UI_WORKFLOW_QUERY}"
+    return f"{base}/#/experiments/{found.experiment_id}/runs?{UI_WORKFLOW_QUERY}"
 
 
 def start_run(
-    cfg: TrackingConfig, run_name: str, tags: dict[str, str] | None = None, generated: tuple[str, ...] = ()
+    cfg: TrackingConfig,
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    generated: tuple[str, ...] = (),
+    stage: str = "train",
+    description: str | None = None,
 ):
     """A new run in ``cfg.experiment``, or a NullTracker when tracking is disabled.
 
     Inside ``dvc exp run`` the run is named after the DVC experiment. ``generated`` lists the
-    pipeline's output paths, whose changes do not count towards ``git.dirty``.
+    pipeline's output paths, whose changes do not count towards ``git.dirty``. ``stage`` is the
+    run's entry point (the UI's Source column), ``description`` its note (markdown).
     """
     if not cfg.enabled:
         return NullTracker()
     uri = tracking_uri()
     client = _client(uri)
     exp_tags = dvc_experiment_tags()
-    all_tags = {**git_tags(Path.cwd(), generated), **exp_tags, **(tags or {})}
+    all_tags = {**git_tags(Path.cwd(), generated), **source_tags(stage), **exp_tags, **(tags or {})}
+    if description:
+        all_tags[NOTE_TAG] = description
     try:
         experiment_id = _experiment_id(client, cfg.experiment, uri)
         run = client.create_run(experiment_id, run_name=exp_tags.get("dvc.exp_name", run_name), tags=all_tags)
     except Exception as exc:  # noqa: BLE001
-        raise TrackingError(f"tracking: cannot start a run in {uri} ({_one_line(exc)})") from None
+        raise TrackingError(f"tracking: cannot start a run in {uri} ({one_line(exc)})") from None
     return MlflowTracker(client, run.info.run_id, uri)
 
 
@@ -430,7 +546,7 @@ def resume_run(cfg: TrackingConfig, run_id: str | None, params: dict[str, Any] |
         try:
             client.update_run(run_id, status="RUNNING")
         except Exception as exc:  # noqa: BLE001
-            raise TrackingError(f"tracking: cannot reopen run {run_id} in {uri} ({_one_line(exc)})") from None
+            raise TrackingError(f"tracking: cannot reopen run {run_id} in {uri} ({one_line(exc)})") from None
     if params:
         logged = run.data.params
         changed = {
@@ -439,7 +555,13 @@ def resume_run(cfg: TrackingConfig, run_id: str | None, params: dict[str, Any] |
             if k in logged and logged[k] != _param_str(v)
         }
         if changed:
-            tracker.set_tags({f"param_changed.{k}": v for k, v in changed.items()})
+            tags = {f"param_changed.{k}": v for k, v in changed.items()}
+            note = run.data.tags.get(NOTE_TAG)
+            if note:  # the description says so too (replacing what an earlier stage wrote)
+                later = ", ".join(f"`{k}` {v.replace(' -> ', ' → ')}" for k, v in sorted(changed.items()))
+                kept = [line for line in note.rstrip().splitlines() if not line.startswith(LATER_PARAMS)]
+                tags[NOTE_TAG] = "\n".join([*kept, LATER_PARAMS + later]) + "\n"
+            tracker.set_tags(tags)
             print(
                 f"tracking: run {run_id} was started with other values of {', '.join(sorted(changed))}; "
                 "recorded as param_changed.* tags",
@@ -462,7 +584,7 @@ def _get_run(client: Any, run_id: str, uri: str) -> Any:
     try:
         return client.get_run(run_id)
     except Exception as exc:  # noqa: BLE001
-        raise TrackingError(f"tracking: run {run_id} not found in {uri} ({_one_line(exc)})") from None
+        raise TrackingError(f"tracking: run {run_id} not found in {uri} ({one_line(exc)})") from None
 
 
 # ------------------------------------------------------------------ run id file
@@ -483,3 +605,187 @@ def read_run_info(path: str | Path) -> str | None:
 
 def temp_dir() -> tempfile.TemporaryDirectory:
     return tempfile.TemporaryDirectory(prefix="ebm-artifacts-")
+
+
+# ------------------------------------------------------------------ model registry
+
+SCORING_MODEL = "scoring_model"  # the served pyfunc, among the run's logged models
+SERVING_CODE = Path(__file__).with_name("serving.py")  # its code (MLflow "models from code")
+SCORING_ARTIFACT = "energy_model"  # = serving.ARTIFACT_KEY (not imported: importing serving.py sets MLflow's model)
+FID_TAG = "fid"  # every version's FID: what a later version is compared with
+REGISTERED_MODEL_DESCRIPTION = (
+    "Energy-based model of handwritten digits. Input: {\"inputs\": [...]}, images N x 1 x 32 x 32 float32 "
+    "in [-1, 1]. Output per image: score s(x) and energy -s(x). Aliases: champion (what is served), "
+    "challenger (the latest version that did not pass the FID gate)."
+)
+
+
+@contextlib.contextmanager
+def _registry_lock(uri: str) -> Iterator[None]:
+    """One registration at a time per SQLite store (``dvc queue start -j 2`` runs stages side by side).
+
+    Without it two new versions could both find no champion and both take the alias. A tracking
+    server has no such lock: let one pipeline register at a time there (the nightly deployment's
+    concurrency limit is 1).
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    with FileLock(str(db) + ".registry.lock", timeout=600):
+        yield
+
+
+def _scoring_signature() -> Any:
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from pipeline.model import IMAGE_SHAPE
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *IMAGE_SHAPE))]),
+        outputs=Schema([ColSpec("double", "score"), ColSpec("double", "energy")]),
+    )
+
+
+def _scoring_requirements() -> list[str]:
+    """Explicit: inferring them imports and inspects the environment (slow, noisy)."""
+    import numpy
+    import scipy
+    import torch
+    import yaml
+
+    return [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"numpy=={numpy.__version__}",
+        f"scipy=={scipy.__version__}",
+        f"pyyaml=={yaml.__version__}",
+    ]
+
+
+def _log_scoring_model(uri: str, run_id: str, name: str, model_path: Path) -> str:
+    """Log the scoring pyfunc into the run, register it under ``name``; the new version's number."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+
+    from pipeline.model import IMAGE_SHAPE
+
+    with active_run(run_id, uri):
+        info = mlflow.pyfunc.log_model(
+            name=SCORING_MODEL,
+            python_model=str(SERVING_CODE),
+            artifacts={SCORING_ARTIFACT: str(model_path)},
+            code_paths=[str(SERVING_CODE.parent)],  # the pipeline package: the model loads without an install
+            signature=_scoring_signature(),
+            input_example=np.zeros((2, *IMAGE_SHAPE), dtype=np.float32),
+            pip_requirements=_scoring_requirements(),
+            registered_model_name=name,
+        )
+    if info.registered_model_version is None:
+        raise RegistryError(f"register: MLflow did not register a version of {name}")
+    return str(info.registered_model_version)
+
+
+def _champion(client: Any, name: str) -> gate.Champion | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = client.get_model_version_by_alias(name, gate.CHAMPION)
+    except MlflowException:  # no such model or no such alias: no champion yet
+        return None
+    try:
+        fid: float | None = float(mv.tags[FID_TAG])
+    except (KeyError, ValueError):  # a version registered by hand: the FID its run recorded, if any
+        fid = client.get_run(mv.run_id).data.metrics.get("evaluate.fid") if mv.run_id else None
+    return gate.Champion(str(mv.version), fid, dict(mv.tags))
+
+
+def _version_of_run(client: Any, name: str, run_id: str, model_md5: str) -> str | None:
+    """The version already registered for this run and model file: the stage re-ran, no new version."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    same = [int(mv.version) for mv in found if mv.tags.get("dvc.model_md5") == model_md5]
+    return str(max(same)) if same else None
+
+
+def register_model(
+    cfg: RegistryConfig, run_id: str, model_path: str | Path, fid: float, tags: dict[str, str]
+) -> dict[str, Any]:
+    """Register the run's model (once per model file), pass it through the gate, move the alias.
+
+    ``tags`` go on the version; ``dvc.model_md5`` is required (it identifies the model file).
+    Returns what was decided (the register stage writes it to ``paths.registry_info``).
+    Any MLflow failure is a one-line ``RegistryError``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    client = _client(uri)
+    name = cfg.model_name
+    try:
+        with _registry_lock(uri):
+            version = _version_of_run(client, name, run_id, tags["dvc.model_md5"])
+            if version is None:
+                version = _log_scoring_model(uri, run_id, name, Path(model_path))
+            champion = _champion(client, name)
+            decision = gate.decide(version, fid, champion, cfg.fid_margin, tags)
+            if decision.promoted:
+                client.set_registered_model_alias(name, gate.CHAMPION, version)
+                aliases = client.get_model_version(name, version).aliases
+                if gate.CHALLENGER in aliases:  # it was the challenger: now it is the champion only
+                    client.delete_registered_model_alias(name, gate.CHALLENGER)
+            else:
+                client.set_registered_model_alias(name, gate.CHALLENGER, version)
+            compared = champion if champion is not None and champion.version != version else None
+            version_tags = {
+                **tags,
+                FID_TAG: repr(float(fid)),
+                "gate.decision": decision.reason,
+                "gate.alias": decision.alias,
+                "gate.margin": repr(float(cfg.fid_margin)),
+                "gate.champion_version": compared.version if compared else "",
+                "gate.champion_fid": repr(compared.fid) if compared and compared.fid is not None else "",
+            }
+            for key, value in version_tags.items():
+                client.set_model_version_tag(name, version, key, value)
+            client.update_model_version(name, version, description=f"{decision.alias}: {decision.reason}")
+            if not client.get_registered_model(name).description:
+                client.update_registered_model(name, description=REGISTERED_MODEL_DESCRIPTION)
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(
+            f"register: the model registry of {uri} failed ({one_line(exc)}); "
+            "the model is not registered (re-run: dvc repro)"
+        ) from None
+    return {
+        "registered": True,
+        "model_name": name,
+        "version": version,
+        "model_uri": f"models:/{name}/{version}",
+        "alias": decision.alias,
+        "promoted": decision.promoted,
+        "reason": decision.reason,
+        "fid": fid,
+        "champion_before": {"version": compared.version, "fid": compared.fid} if compared else None,
+        "margin": cfg.fid_margin,
+        "run_id": run_id,
+    }
+
+
+def champion_version(cfg: RegistryConfig, uri: str | None = None) -> str:
+    """The version that has the alias ``champion`` (a one-line TrackingError when there is none)."""
+    from mlflow.exceptions import MlflowException
+
+    uri = uri or tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :].split("?", 1)[0]).is_file():
+        raise TrackingError(f"serve-model: no MLflow store at {uri} (make run trains and registers a model)")
+    client = _client(uri)
+    try:
+        return str(client.get_model_version_by_alias(cfg.model_name, gate.CHAMPION).version)
+    except MlflowException:
+        raise TrackingError(
+            f"serve-model: no version of {cfg.model_name} has the alias {gate.CHAMPION} in {uri} "
+            "(the register stage sets it: dvc repro)"
+        ) from None

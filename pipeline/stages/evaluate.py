@@ -56,6 +56,14 @@ def run(params: Params) -> dict:
     plots.mkdir(parents=True, exist_ok=True)
     save_histograms(scores, plots / "energy_hist.png", bins=params.evaluate.hist_bins)
 
+    tracker.log_dataset(  # the held-out split the FID compares with; train logged the training split
+        name=f"{params.data.source}-test",
+        digest=file_md5(split_path(params, "test")),
+        source=split_path(params, "test"),
+        features=test_split.images.numpy(),
+        targets=test_split.labels.numpy(),
+        context="evaluation",
+    )
     tracker.log_metrics_file(metrics_path)  # evaluate.<key>
     tracker.log_metrics_file(Path(params.paths.metrics_dir) / "classifier.json")  # classifier.<key>: FID's features
     tracker.set_tags({"dvc.model_md5": file_md5(params.paths.model)})

@@ -9,10 +9,12 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import Params
-from pipeline.figures import save_chain, save_grid
+from pipeline.figures import image_grid, save_chain, save_grid
 from pipeline.generate import generate_samples
 from pipeline.runtime import resolve_device, resolve_precision
 from pipeline.stages.common import load_energy_model, write_json
+
+SAMPLE_IMAGES = "samples/generated"  # the final sample grid, an MLflow image series (a section "samples" in the UI)
 
 
 def run(params: Params, progress: bool = True) -> dict:
@@ -44,6 +46,9 @@ def run(params: Params, progress: bool = True) -> dict:
 
     tracker.log_metrics_file(Path(params.paths.metrics_dir) / "generate.json")  # generate.<key>
     tracker.log_artifact(out / "samples.png", "figures")
+    # The same 100 samples as an image series at the model's training step: the compare view puts
+    # two runs' samples side by side.
+    tracker.log_image(image_grid(samples[:100], nrow=10), key=SAMPLE_IMAGES, step=int(blob.get("steps", 0)))
     tracker.log_artifact(out / "chain.png", "figures")
     tracker.close("FINISHED")
     print(f"generate: {len(samples)} samples x {params.generate.steps} steps in {seconds:.1f}s -> {out}")

@@ -14,17 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import data, distributed, tracking
+from pipeline import data, distributed, provenance, tracking
 from pipeline.checkpoint import MODEL_FORMAT, atomic_save
 from pipeline.config import Params
-from pipeline.figures import save_curves, save_grid
+from pipeline.figures import image_grid, save_curves
 from pipeline.model import EnergyNet, count_parameters
 from pipeline.runtime import describe, hardware, seed_everything
 from pipeline.stages.common import file_md5, split_path, write_json
 from pipeline.train import Trainer, TrainingInterrupted
 
 CHECKPOINT_NAME = "last.pt"
-
+# MLflow image series (key, one image per step); the "samples/" prefix makes them a section of their own,
+# the first on the run page's Model metrics tab.
+BUFFER_IMAGES = "samples/replay_buffer"
 
 
 def run(params: Params, progress: bool = True) -> dict:
@@ -48,6 +50,8 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
     )
     resumed = trainer.try_resume()
 
+    data_md5 = {split: file_md5(split_path(params, split)) for split in ("train", "test")}
+
     def open_run() -> tracking.MlflowTracker | tracking.NullTracker:
         run_id = Trainer.checkpoint_run_id(checkpoint) if resumed else None
         if run_id:
@@ -56,6 +60,15 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
             params.tracking,
             run_name=f"train-{time.strftime('%Y%m%d-%H%M%S')}",
             generated=tuple(dataclasses.asdict(params.paths).values()),
+            stage="train",
+            description=provenance.describe_run(
+                params.flat(),
+                where=Path.cwd(),
+                root=tracking.project_root(),
+                stage="train",
+                experiment=tracking.dvc_experiment_tags(),
+                data={"source": params.data.source, **data_md5},
+            ),
         )
 
     tracker = dist.on_main(open_run) or tracking.NullTracker()  # only rank 0 talks to MLflow
@@ -67,6 +80,16 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
         trainer.save_checkpoint()  # records the run id, so a resume after a kill logs into the same run
     if not resumed:  # a resume runs in the same precision (Trainer.try_resume refuses another)
         tracker.log_params({**params.flat(), "langevin.precision_resolved": trainer.precision})
+        # The training split as the run's dataset input, named after its source, digest = DVC's md5
+        # (evaluate adds the test split).
+        tracker.log_dataset(
+            name=f"{params.data.source}-train",
+            digest=data_md5["train"],
+            source=split_path(params, "train"),
+            features=train_split.images.numpy(),
+            targets=train_split.labels.numpy(),
+            context="training",
+        )
     tracker.set_tags(
         {
             **{f"hardware.{k}": v for k, v in hardware(device).items()},
@@ -74,8 +97,8 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
             "device": describe(device),
             "torch": torch.__version__,
             "model.parameters": str(count_parameters(trainer.model)),
-            "dvc.data_md5.train": file_md5(split_path(params, "train")),
-            "dvc.data_md5.test": file_md5(split_path(params, "test")),
+            "dvc.data_md5.train": data_md5["train"],
+            "dvc.data_md5.test": data_md5["test"],
             "train.world_size": str(dist.world_size),
         }
     )
@@ -84,13 +107,8 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
 
     def on_log(step: int, tr: Trainer) -> None:
         if samples_every and step % samples_every == 0 and len(tr.buffer):
-            import matplotlib.pyplot as plt
-
-            with tracking.temp_dir() as tmp:
-                grid = Path(tmp) / f"buffer_step{step:06d}.png"
-                save_grid(tr.buffer.images()[-64:], grid, nrow=8, title=f"replay buffer, step {step}")
-                tracker.log_artifact(grid, "buffer")
-            plt.close("all")
+            # 64 replay-buffer images as one series: the run page steps through it with a slider.
+            tracker.log_image(image_grid(tr.buffer.images()[-64:], nrow=8), key=BUFFER_IMAGES, step=step)
 
     try:
         result = trainer.fit(on_log=on_log if dist.is_main else None)
