@@ -265,16 +265,27 @@ def registry_outcome(repo: Path, params: Params, rev: str | None = None) -> dict
     return data if isinstance(data, dict) else None
 
 
-def registry_markdown(outcome: dict[str, Any] | None) -> list[str]:
-    """Whether the night's model was promoted, and why (the gate's reason, with both FIDs)."""
+def registry_markdown(outcome: dict[str, Any] | None, ran: bool) -> list[str]:
+    """Whether this run's model was promoted, and why (the gate's reason, with both FIDs).
+
+    ``ran``: whether the register stage ran in this flow run; if DVC skipped it, no new model
+    came through the gate and the record is the previous decision.
+    """
     lines = ["## Model registry", ""]
     if not outcome:
         return lines + ["No registry record (the register stage has not run).", ""]
     if not outcome.get("registered"):
         return lines + [f"**Not registered**: {outcome.get('reason', 'no reason recorded')}.", ""]
     name, version = outcome.get("model_name"), outcome.get("version")
-    if outcome.get("promoted"):
-        head = f"**Promoted**: `{name}` version {version} is the `champion` (`models:/{name}@champion`, what is served)."
+    if not ran:
+        head = (
+            f"**No new model**: the register stage did not run (nothing changed). "
+            f"Last decision: `{name}` version {version} is the `{outcome.get('alias')}`."
+        )
+    elif outcome.get("already_champion"):
+        head = f"**Champion kept**: `{name}` version {version} already was the `champion` (the same trained model)."
+    elif outcome.get("promoted"):
+        head = f"**Promoted**: `{name}` version {version} is the new `champion` (`models:/{name}@champion`, what is served)."
     else:
         held = outcome.get("champion_before") or {}
         stays = f"; `champion` stays on version {held['version']}" if held.get("version") else ""
@@ -307,7 +318,7 @@ def report_markdown(
         lines += ["MLflow run id: not in the experiment commit (the run-info file is git-ignored).", ""]
     else:
         lines += ["MLflow run id: none (no run-info file).", ""]
-    lines += registry_markdown(registry)
+    lines += registry_markdown(registry, ran=stages.get("register") == "ran")
     lines += ["## Stages", "", "| Stage | DVC |", "|---|---|"]
     lines += [f"| {s} | {STATUS_TEXT[stages.get(s, 'unknown')]} |" for s in STAGES]
     lines += ["", "## Metrics", ""]
@@ -511,9 +522,14 @@ def main(argv: list[str] | None = None, params_path: str = PARAMS_FILE) -> int:
     outcome = ", ".join(f"{s} {summary['stages'].get(s, 'unknown')}" for s in STAGES)
     where = f"experiment {summary['experiment']['name']}" if summary["experiment"] else "workspace"
     registry = summary.get("registry") or {}
+    verdict = (
+        "skipped" if summary["stages"].get("register") != "ran"
+        else "kept" if registry.get("already_champion")
+        else "promoted" if registry.get("promoted")
+        else "not promoted"
+    )
     registered = (
-        f"; {registry['model_name']} v{registry['version']} {registry['alias']}"
-        f" ({'promoted' if registry['promoted'] else 'not promoted'})"
+        f"; {registry['model_name']} v{registry['version']} {registry['alias']} ({verdict})"
         if registry.get("registered")
         else ""
     )

@@ -768,7 +768,9 @@ def register_model(
         "promoted": decision.promoted,
         "reason": decision.reason,
         "fid": fid,
+        # the champion the version was compared with (None: there was none, or it was this version already)
         "champion_before": {"version": compared.version, "fid": compared.fid} if compared else None,
+        "already_champion": champion is not None and champion.version == version,
         "margin": cfg.fid_margin,
         "run_id": run_id,
     }

@@ -156,6 +156,7 @@ def test_flow_runs_the_dvc_stages_like_dvc_repro(prefect_server, repo_copy):
 
     first = flows.ebm_pipeline(repo_dir=str(repo_copy), retries=0)
     assert first["stages"] == dict.fromkeys(STAGES, "ran")
+    first_report = latest_report()
 
     # What dvc repro would leave: the lock matches the files, and dvc repro has nothing to do.
     assert "Data and pipelines are up to date" in run(["dvc", "status"], repo_copy).stdout
@@ -187,6 +188,12 @@ def test_flow_runs_the_dvc_stages_like_dvc_repro(prefect_server, repo_copy):
         assert f"| {params.paths.metrics_dir}/{name}.json |" in report
     fid = json.loads((repo_copy / params.paths.metrics_dir / "evaluate.json").read_text())["fid"]
     assert f"| {params.paths.metrics_dir}/evaluate.json | fid | {fid:.6g} |" in report
+    # Whether the night's model was promoted, and why: the first run registered v1 as champion,
+    # the second (everything skipped) brought no new model.
+    assert first["registry"]["version"] == "1" and first["registry"]["promoted"]
+    assert "## Model registry" in first_report and "**Promoted**: `ebm-mnist` version 1" in first_report
+    assert f"Why: {first['registry']['reason']}." in first_report
+    assert "**No new model**" in report and "version 1 is the `champion`" in report
 
     # Overrides: a DVC experiment from the workspace; params.yaml and the workspace stay as they are.
     params_text = (repo_copy / "params.yaml").read_text()
@@ -195,7 +202,8 @@ def test_flow_runs_the_dvc_stages_like_dvc_repro(prefect_server, repo_copy):
         repo_dir=str(repo_copy), overrides={"evaluate.confidence": 0.5}, experiment_name="conf-05", retries=0
     )
     assert exp["experiment"] == {"name": "conf-05", "set": ["evaluate.confidence=0.5"]}
-    assert exp["stages"] == {**dict.fromkeys(STAGES, "skipped"), "evaluate": "ran"}  # nothing else re-runs
+    # nothing upstream re-runs; register reads evaluate's metrics (same trained model: the same version)
+    assert exp["stages"] == {**dict.fromkeys(STAGES, "skipped"), "evaluate": "ran", "register": "ran"}
     assert (repo_copy / "params.yaml").read_text() == params_text
     assert (repo_copy / "dvc.lock").read_text() == lock_text
     assert run(["git", "status", "--porcelain"], repo_copy).stdout == status_before
@@ -212,7 +220,10 @@ def test_flow_runs_the_dvc_stages_like_dvc_repro(prefect_server, repo_copy):
     assert exp["metrics"][evaluate_json] == committed  # the flow reads the experiment's own commit
     assert all(committed[k] == v for k, v in data["metrics"][evaluate_json]["data"].items())  # as dvc exp show
     assert exp["run_id"] == run_id  # train did not re-run: the experiment's model is the baseline's
-    assert "conf-05" in latest_report()
+    exp_report = latest_report()
+    assert "conf-05" in exp_report
+    assert exp["registry"]["version"] == "1" and exp["registry"]["already_champion"]  # no new version
+    assert "**Champion kept**" in exp_report
 
 
 # ------------------------------------------------------------------ retries and failures
@@ -225,7 +236,7 @@ def test_transient_failure_is_retried(prefect_server, fake_repo, monkeypatch):
     repo, state = fake_repo
     monkeypatch.setenv("FAKE_FAIL_ONCE", "train")
     summary = flows.ebm_pipeline(repo_dir=str(repo), retries=1, retry_delay_seconds=0)
-    assert calls(state) == ["prepare", "train_classifier", "train", "train", "generate", "evaluate"]
+    assert calls(state) == ["prepare", "train_classifier", "train", "train", "generate", "evaluate", "register"]
     assert summary["stages"] == dict.fromkeys(STAGES, "ran")
 
 

@@ -163,7 +163,7 @@ def test_stage_prints_one_line_per_decision(registry, capsys):
         f"register: {NAME} v2 -> challenger (not promoted): FID 120 does not beat champion v1's 100 by the margin 5 "
         "(20 worse)",
         f"register: {NAME} v3 -> champion (promoted): FID 80 beats champion v1's 100 by 20 >= margin 5",
-        f"register: {NAME} v3 -> champion (promoted): already the champion (FID 80)",
+        f"register: {NAME} v3 -> champion (kept): already the champion (FID 80)",
     ]
     off = parse_params(tiny_params_dict({"registry": {"enabled": False}}))
     assert register.run(off) == {"registered": False, "reason": "registry.enabled is false"}
@@ -250,3 +250,16 @@ def test_served_artifact_key_matches_the_registering_side():
     # tracking.py does not import serving.py (loading it sets MLflow's model): the key is written twice.
     text = (Path(tracking.__file__).with_name("serving.py")).read_text()
     assert f'ARTIFACT_KEY = "{tracking.SCORING_ARTIFACT}"' in text
+
+
+def test_dvc_yaml_declares_the_model_as_a_dvc_artifact():
+    from dvc.repo import Repo
+
+    from tests.conftest import ROOT
+
+    params = parse_params(tiny_params_dict())
+    with Repo(str(ROOT)) as repo:
+        artifacts = repo.artifacts.read()["dvc.yaml"]
+    model = artifacts[params.registry.model_name]  # the same name in DVC and in MLflow's registry
+    assert model.type == "model" and model.path == params.paths.model
+    assert model.desc and "mnist" in model.labels

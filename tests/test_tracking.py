@@ -60,6 +60,18 @@ def numeric_leaves(d: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def logged_images(client, run_id: str) -> dict[str, list[int]]:
+    """Image series logged with mlflow.log_image(key=..., step=...): key -> sorted steps (full-size PNGs)."""
+    out: dict[str, list[int]] = {}
+    for f in client.list_artifacts(run_id, "images"):
+        name = f.path.split("/", 1)[1]
+        if name.endswith(".png"):  # beside each: a compressed .webp preview
+            key, step_word, step, *_ = name[: -len(".png")].split("+")
+            assert step_word == "step", name
+            out.setdefault(key.replace("~", "/"), []).append(int(step))
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def same_param(logged: str, value) -> bool:
     """MLflow holds params as strings: lists as JSON, everything else as str()."""
     if isinstance(value, list):
@@ -213,14 +225,17 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
     artifacts = set(walk())
     cfg = yaml.safe_load((repo.path / "params.yaml").read_text())["train"]
     n_steps = json.loads((repo.path / "metrics/train.json").read_text())["steps"]
-    grids = {
-        f"buffer/buffer_step{s:06d}.png"
-        for s in range(cfg["sample_every"], n_steps + 1, cfg["sample_every"])
-        if s % cfg["log_every"] == 0
-    }
-    assert grids  # the tiny config logs at least one buffer grid
-    expected = grids | {
-        "figures/samples.png",  # the final sample grid
+    grid_steps = [
+        s for s in range(cfg["sample_every"], n_steps + 1, cfg["sample_every"]) if s % cfg["log_every"] == 0
+    ]
+    assert grid_steps  # the tiny config logs at least one buffer grid
+    # Buffer grids and the final sample grid as image series with steps (the UI's step slider).
+    from pipeline.stages.generate import SAMPLE_IMAGES
+    from pipeline.stages.train import BUFFER_IMAGES
+
+    assert logged_images(client, run_id) == {BUFFER_IMAGES: grid_steps, SAMPLE_IMAGES: [n_steps]}
+    expected = {
+        "figures/samples.png",  # the final sample grid, as DVC tracks it
         "figures/chain.png",
         "figures/energy_hist.png",
         "figures/train_curves.png",
@@ -245,7 +260,9 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
             filter_string=f"source_run_id = '{run_id}'",
             output_format="list",
         )
-        assert [m.name for m in models] == [tracking.MODEL_NAME]
+        # the energy network, and the scoring pyfunc the register stage logged (and registered)
+        assert sorted(m.name for m in models) == sorted([tracking.MODEL_NAME, tracking.SCORING_MODEL])
+        models = [m for m in models if m.name == tracking.MODEL_NAME]
         uri = f"models:/{models[0].model_id}"
         info = mlflow.models.get_model_info(uri)
         assert info.signature is not None and info.signature.inputs is not None
@@ -258,6 +275,57 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
     with torch.no_grad():
         assert torch.allclose(logged(x), mine(x), rtol=1e-5, atol=1e-6)
     assert os.environ.get("MLFLOW_TRACKING_URI") is None  # using_uri put the process back
+
+
+@pytest.mark.slow
+def test_ui_sees_a_training_experiment_with_source_description_and_datasets(repo):
+    client = repo.client()
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND  # opens on the runs table
+    r = client.get_run(repo.baseline_run_id)
+    tags = r.data.tags
+    head = run(["git", "rev-parse", "HEAD~1"], repo.path).stdout.strip()
+    assert tags["mlflow.source.git.commit"] == head  # the Version column
+    assert tags["mlflow.source.type"] == "PROJECT" and tags["mlflow.project.entryPoint"] == "train"  # Source
+    assert Path(tags["mlflow.source.name"]).name == repo.path.name
+    assert tags["mlflow.source.git.branch"] == repo.branch
+    note = tags["mlflow.note.content"]  # the run's description
+    assert "Recipe:** `default`" in note and "DVC experiment:** none" in note
+    assert "Params changed from the commit's params.yaml:** none" in note
+    assert lock_md5(repo.baseline_lock, "data/prepared/train.pt") in note
+    # The prepared splits as dataset inputs, named after the source, digest = the md5 in dvc.lock.
+    inputs = {(i.dataset.name, i.dataset.digest, i.tags[0].value) for i in r.inputs.dataset_inputs}
+    assert inputs == {
+        ("mnist5k-train", lock_md5(repo.baseline_lock, "data/prepared/train.pt"), "training"),
+        ("mnist5k-test", lock_md5(repo.baseline_lock, "data/prepared/test.pt"), "evaluation"),
+    }
+
+
+@pytest.mark.slow
+def test_repro_registers_version_1_as_champion(repo):
+    info = json.loads((repo.path / "models/registry.json").read_text())
+    fid = json.loads((repo.path / "metrics/evaluate.json").read_text())["fid"]
+    assert info["registered"] and (info["version"], info["alias"], info["promoted"]) == ("1", "champion", True)
+    assert info["fid"] == fid and info["run_id"] == repo.baseline_run_id
+    mv = repo.client().get_model_version_by_alias(info["model_name"], "champion")
+    assert str(mv.version) == "1" and mv.run_id == repo.baseline_run_id
+    assert mv.tags["dvc.model_md5"] == lock_md5(repo.baseline_lock, "models/ebm.pt")
+    assert float(mv.tags["fid"]) == fid and mv.tags["gate.decision"] == info["reason"]
+    # The registered model is the scoring pyfunc; its artifact is the DVC model file itself.
+    import mlflow
+
+    with tracking.using_uri(repo.uri):
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{info['model_name']}/1"))
+    assert md5(next(model_dir.rglob("ebm.pt"))) == lock_md5(repo.baseline_lock, "models/ebm.pt")
+
+
+@pytest.mark.slow
+def test_dvc_artifacts_get_retrieves_the_model_of_a_tagged_version(repo, tmp_path):
+    # dvc.yaml declares the model as the artifact ebm-mnist; a version is a GTO tag on a commit.
+    run([*GIT, "tag", "-a", "ebm-mnist@v1.0.0", "-m", "ebm-mnist v1.0.0", repo.baseline_rev], repo.path)
+    for args, name in (([], "latest.pt"), (["--rev", "v1.0.0"], "v1.pt")):
+        run(["dvc", "artifacts", "get", str(repo.path), "ebm-mnist", *args, "-o", str(tmp_path / name)], tmp_path)
+        assert md5(tmp_path / name) == lock_md5(repo.baseline_lock, "models/ebm.pt")
 
 
 # ------------------------------------------------------------------ DVC experiments
@@ -308,6 +376,36 @@ def test_dvc_exp_show_lists_the_metrics_mlflow_shows(exp_repo):
         assert {"train.final_loss", "evaluate.fid", "generate.steps", "classifier.test_accuracy"} <= set(dvc_metrics)
         mlflow_final = {k: v for k, v in client.get_run(run_id).data.metrics.items() if "." in k}
         assert mlflow_final == dvc_metrics, rev
+
+
+@pytest.mark.slow
+def test_experiments_pass_through_the_gate(exp_repo):
+    """Each experiment's model is one more version; the aliases are what the gate decides from the FIDs."""
+    from pipeline import gate
+
+    client = exp_repo.client()
+    margin = yaml.safe_load((exp_repo.path / "params.yaml").read_text())["registry"]["fid_margin"]
+    order = [exp_repo.baseline_run_id] + [exp_repo.exps[k]["run_id"] for k in EXPERIMENTS]
+    by_run = {mv.run_id: mv for mv in client.search_model_versions("name = 'ebm-mnist'")}
+    assert [str(by_run[r].version) for r in order] == ["1", "2", "3"]  # one version per trained model
+    champion, challenger = None, None
+    for run_id in order:
+        fid = client.get_run(run_id).data.metrics["evaluate.fid"]
+        version = str(by_run[run_id].version)
+        decision = gate.decide(version, fid, champion, margin)
+        assert by_run[run_id].tags["gate.alias"] == decision.alias
+        assert by_run[run_id].tags["gate.decision"].startswith(decision.reason)
+        if decision.promoted:
+            champion = gate.Champion(version, fid)
+        else:
+            challenger = version
+    assert str(client.get_model_version_by_alias("ebm-mnist", "champion").version) == champion.version
+    if challenger:
+        assert str(client.get_model_version_by_alias("ebm-mnist", "challenger").version) == challenger
+    # Each experiment's description names it and the param it set.
+    for key, (param, value) in EXPERIMENTS.items():
+        note = client.get_run(exp_repo.exps[key]["run_id"]).data.tags["mlflow.note.content"]
+        assert f"DVC experiment:** `{key}`" in note and f"`{param}`" in note and f"→ {value}" in note
 
 
 # ------------------------------------------------------------------ DVC remote
@@ -439,3 +537,61 @@ def test_project_root_of_dvc_temp_experiments(tmp_path, monkeypatch):
     location = tracking.artifact_location("sqlite:////x/y/mlflow.db", "ebm mnist/v2")
     assert location == "file:///x/y/mlartifacts/ebm-mnist-v2"
     assert tracking.artifact_location("http://127.0.0.1:5000", "ebm-mnist") is None
+
+
+def test_model_training_experiment_images_with_steps_and_a_dataset_with_the_dvc_md5(tmp_path, mlflow_uri):
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import TrackingConfig
+    from pipeline.stages.common import file_md5
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    client.create_experiment("older")  # e.g. made by an earlier version of the pipeline, or from the UI
+    tracking.start_run(TrackingConfig(experiment="older"), run_name="t").close()
+    tracker = tracking.start_run(TrackingConfig(experiment="fresh"), run_name="t")
+    for name in ("fresh", "older"):  # created, and kept, as model-training experiments
+        assert client.get_experiment_by_name(name).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    exp_id = client.get_experiment_by_name("fresh").experiment_id
+    url = tracking.ui_url("http://127.0.0.1:5000", "fresh", mlflow_uri)
+    assert url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    assert tracking.ui_url("http://h:1/", "none yet", mlflow_uri) == "http://h:1/#/experiments?workflowType=machine_learning"
+
+    for step in (10, 20):
+        tracker.log_image(np.full((8, 8), step / 20), key="samples/replay_buffer", step=step)
+    split = tmp_path / "train.pt"
+    split.write_bytes(b"prepared digits")
+    images, labels = np.zeros((3, 1, 32, 32), np.float32), np.arange(3)
+    tracker.log_dataset(
+        name="mnist5k-train", digest=file_md5(split), source=split, features=images, targets=labels, context="training"
+    )
+    tracker.close()
+    assert logged_images(client, tracker.run_id) == {"samples/replay_buffer": [10, 20]}
+    (given,) = client.get_run(tracker.run_id).inputs.dataset_inputs
+    assert (given.dataset.name, given.dataset.digest) == ("mnist5k-train", file_md5(split))
+    assert [(t.key, t.value) for t in given.tags] == [("mlflow.data.context", "training")]
+    assert json.loads(given.dataset.source) == {"uri": str(split.resolve())}
+    assert json.loads(given.dataset.profile)["features_shape"] == [3, 1, 32, 32]
+
+
+def test_run_description_names_recipe_experiment_and_changed_params(tmp_path, monkeypatch):
+    from pipeline import provenance
+    from pipeline.config import parse_params
+    from tests.conftest import tiny_params_dict
+
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "fast.yaml").write_text("train:\n  alpha: 0.2\n")
+    write_params(tmp_path / "params.yaml")
+    run(["git", "init", "-q"], tmp_path)
+    run([*GIT, "add", "-A"], tmp_path)
+    run([*GIT, "commit", "-qm", "x"], tmp_path)
+    current = parse_params(tiny_params_dict({"train": {"alpha": 0.2}})).flat()
+    note = provenance.describe_run(
+        current, tmp_path, tmp_path, "train", {"dvc.exp_name": "fast-seed0", "dvc.exp_baseline_rev": "abcdef123456"}
+    )
+    assert "**Recipe:** `fast` (`presets/fast.yaml`" in note
+    assert "**DVC experiment:** `fast-seed0` from baseline commit `abcdef1`" in note
+    assert "**Params changed from the commit's params.yaml:** `train.alpha` 0.1 → 0.2" in note
+    same = parse_params(tiny_params_dict()).flat()
+    plain = provenance.describe_run(same, tmp_path, tmp_path, "train")
+    assert "`default`" in plain and "changed from the commit's params.yaml:** none" in plain

@@ -51,7 +51,7 @@ def run(params: Params) -> dict:
     )
     tracker.close("FINISHED")
     write_json(outcome, out)
-    verdict = "promoted" if outcome["promoted"] else "not promoted"
+    verdict = "kept" if outcome["already_champion"] else "promoted" if outcome["promoted"] else "not promoted"
     print(
         f"register: {outcome['model_name']} v{outcome['version']} -> {outcome['alias']} ({verdict}): {outcome['reason']}"
     )
