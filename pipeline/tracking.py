@@ -30,7 +30,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -163,10 +162,22 @@ def git_tags(where: Path, generated: tuple[str, ...] = ()) -> dict[str, str]:
     branch = git(where, "rev-parse", "--abbrev-ref", "HEAD")
     if branch and branch != "HEAD":  # not on a detached HEAD (dvc exp run --temp)
         tags["mlflow.source.git.branch"] = branch
-    remote = git(where, "config", "--get", "remote.origin.url")
+    remote = _without_credentials(git(where, "config", "--get", "remote.origin.url"))
     if remote:
         tags["mlflow.source.git.repoURL"] = remote
     return tags
+
+
+def _without_credentials(url: str | None) -> str | None:
+    """A remote URL without a user or token (``https://user:token@host/x`` -> ``https://host/x``)."""
+    if not url or "://" not in url:
+        return url  # None, or scp-like git@host:path, which holds no secret
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def source_tags(stage: str, root: Path | None = None) -> dict[str, str]:
@@ -180,7 +191,7 @@ def source_tags(stage: str, root: Path | None = None) -> dict[str, str]:
     root = root or project_root()
     tags = {
         "mlflow.source.type": "PROJECT",
-        "mlflow.source.name": git(root, "config", "--get", "remote.origin.url") or str(root),
+        "mlflow.source.name": _without_credentials(git(root, "config", "--get", "remote.origin.url")) or str(root),
         "mlflow.project.entryPoint": stage,
     }
     try:
@@ -601,10 +612,6 @@ def read_run_info(path: str | Path) -> str | None:
     if not path.is_file():
         return None
     return json.loads(path.read_text()).get("run_id")
-
-
-def temp_dir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="ebm-artifacts-")
 
 
 # ------------------------------------------------------------------ model registry

@@ -595,3 +595,9 @@ def test_run_description_names_recipe_experiment_and_changed_params(tmp_path, mo
     same = parse_params(tiny_params_dict()).flat()
     plain = provenance.describe_run(same, tmp_path, tmp_path, "train")
     assert "`default`" in plain and "changed from the commit's params.yaml:** none" in plain
+
+
+def test_remote_urls_lose_their_credentials_before_reaching_mlflow():
+    assert tracking._without_credentials("https://me:ghp_secret@github.com/o/r.git") == "https://github.com/o/r.git"
+    assert tracking._without_credentials("git@github.com:o/r.git") == "git@github.com:o/r.git"
+    assert tracking._without_credentials(None) is None

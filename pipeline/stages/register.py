@@ -45,11 +45,17 @@ def run(params: Params) -> dict:
         "fid_n": str(metrics.get("fid_n", "")),
         **{k: run_tags[k] for k in ("git.commit", "dvc.exp_name") if k in run_tags},
     }
-    outcome = tracking.register_model(params.registry, run_id, params.paths.model, float(metrics["fid"]), version_tags)
-    tracker.set_tags(
-        {"registry.model": outcome["model_name"], "registry.version": outcome["version"], "registry.alias": outcome["alias"]}
-    )
-    tracker.close("FINISHED")
+    try:
+        outcome = tracking.register_model(params.registry, run_id, params.paths.model, float(metrics["fid"]), version_tags)
+        tracker.set_tags(
+            {
+                "registry.model": outcome["model_name"],
+                "registry.version": outcome["version"],
+                "registry.alias": outcome["alias"],
+            }
+        )
+    finally:  # logging the model reopened the run; its training is over either way
+        tracker.close("FINISHED")
     write_json(outcome, out)
     verdict = "kept" if outcome["already_champion"] else "promoted" if outcome["promoted"] else "not promoted"
     print(
