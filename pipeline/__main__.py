@@ -86,7 +86,9 @@ def serve_model(params, argv: list[str]) -> int:
     Binds 127.0.0.1 only. Checks first that the champion exists (one line, exit 1, if not), then
     replaces this process with MLflow's scoring server, which Ctrl-C stops.
     """
-    parser = argparse.ArgumentParser(prog="python -m pipeline serve-model", description=serve_model.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline serve-model", description=serve_model.__doc__.splitlines()[0]
+    )
     parser.add_argument("--port", type=int, default=5001, help="the port on 127.0.0.1 (default 5001)")
     args = parser.parse_args(argv)
     from pipeline import tracking
@@ -96,6 +98,8 @@ def serve_model(params, argv: list[str]) -> int:
     model_uri = f"models:/{params.registry.model_name}@champion"
     print(f"serve-model: {model_uri} (version {version}) on http://127.0.0.1:{args.port}/invocations", flush=True)
     os.environ["MLFLOW_TRACKING_URI"] = uri  # the server resolves models:/ in the same store
+    # MLflow starts the server as `uvicorn` from PATH: this interpreter's, also from an unactivated virtualenv.
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"]
     os.execv(sys.executable, [*command, "-h", "127.0.0.1", "-p", str(args.port)])
     return 1  # not reached

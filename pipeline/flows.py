@@ -285,7 +285,10 @@ def registry_markdown(outcome: dict[str, Any] | None, ran: bool) -> list[str]:
     elif outcome.get("already_champion"):
         head = f"**Champion kept**: `{name}` version {version} already was the `champion` (the same trained model)."
     elif outcome.get("promoted"):
-        head = f"**Promoted**: `{name}` version {version} is the new `champion` (`models:/{name}@champion`, what is served)."
+        head = (
+            f"**Promoted**: `{name}` version {version} is the new `champion` "
+            f"(`models:/{name}@champion`, what is served)."
+        )
     else:
         held = outcome.get("champion_before") or {}
         stays = f"; `champion` stays on version {held['version']}" if held.get("version") else ""

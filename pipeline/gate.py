@@ -33,7 +33,9 @@ class Decision:
         return self.alias == CHAMPION
 
 
-def decide(version: str, fid: float, champion: Champion | None, margin: float, tags: dict[str, str] | None = None) -> Decision:
+def decide(
+    version: str, fid: float, champion: Champion | None, margin: float, tags: dict[str, str] | None = None
+) -> Decision:
     """Champion or challenger for ``version`` with ``fid``, against the current ``champion``.
 
     ``tags``: the new version's; when a ``COMPARABLE_BY`` tag differs from the champion's the
@@ -67,5 +69,6 @@ def _decide(version: str, fid: float, champion: Champion | None, margin: float) 
     by = f"{gain:.4g} better" if gain > 0 else ("equal" if gain == 0 else f"{-gain:.4g} worse")
     return Decision(
         CHALLENGER,
-        f"FID {fid:.4g} does not beat champion v{champion.version}'s {champion.fid:.4g} by the margin {margin:g} ({by})",
+        f"FID {fid:.4g} does not beat champion v{champion.version}'s {champion.fid:.4g} "
+        f"by the margin {margin:g} ({by})",
     )

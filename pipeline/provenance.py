@@ -98,34 +98,39 @@ def describe_run(
         if recipe != DEFAULT
         else f"`{DEFAULT}` ({PARAMS_FILE}; no preset of `{PRESETS_DIR}/` matches every value)"
     )
-    lines = [f"Trained by the DVC stage `{stage}` (`python -m pipeline {stage}`).", "", f"- **Recipe:** {recipe_text}"]
-    if experiment and experiment.get("dvc.exp_name"):
-        base = experiment.get("dvc.exp_baseline_rev", "")
+    name = (experiment or {}).get("dvc.exp_name")
+    committed = committed_params(where)
+    changes = param_changes(current, committed) if committed is not None else None
+    items = sorted((changes or {}).items())
+    changed_md = ", ".join(
+        f"`{k}` {_text(old)} → {_text(new)}" if old is not None else f"`{k}` = {_text(new)} (new)"
+        for k, (old, new) in items
+    )
+    changed_plain = ", ".join(
+        f"{k} {'(new)' if old is None else _text(old)} → {_text(new)}" for k, (old, new) in items
+    )
+    # The first line is what the runs table's Description column shows: plain text, no markdown.
+    summary = [f"{recipe} recipe", f"DVC experiment {name}" if name else "dvc repro"]
+    if changes is not None:
+        summary.append(f"changed: {changed_plain}" if changes else "params as committed")
+    lines = [" · ".join(summary), "", f"Trained by the DVC stage `{stage}` (`python -m pipeline {stage}`).", ""]
+    lines.append(f"- **Recipe:** {recipe_text}")
+    if name:
+        base = (experiment or {}).get("dvc.exp_baseline_rev", "")
         lines.append(
-            f"- **DVC experiment:** `{experiment['dvc.exp_name']}`"
+            f"- **DVC experiment:** `{name}`"
             + (f" from baseline commit `{base[:7]}`" if base else "")
-            + f" (`dvc exp apply {experiment['dvc.exp_name']}` brings it into a workspace)"
+            + f" (`dvc exp apply {name}` brings it into a workspace)"
         )
     else:
         lines.append("- **DVC experiment:** none (`dvc repro` in the workspace)")
-    committed = committed_params(where)
-    if committed is None:
+    if changes is None:
         lines.append(f"- **Params changed from the commit:** unknown ({PARAMS_FILE} is not committed)")
     else:
-        changes = param_changes(current, committed)
-        if changes:
-            shown = ", ".join(
-                f"`{k}` {_text(old)} → {_text(new)}" if old is not None else f"`{k}` = {_text(new)} (new)"
-                for k, (old, new) in sorted(changes.items())
-            )
-            lines.append(f"- **Params changed from the commit's {PARAMS_FILE}:** {shown}")
-        else:
-            lines.append(f"- **Params changed from the commit's {PARAMS_FILE}:** none")
+        lines.append(f"- **Params changed from the commit's {PARAMS_FILE}:** {changed_md or 'none'}")
     commit = git(where, "rev-parse", "HEAD")
     if commit:
         lines.append(f"- **Code:** commit `{commit[:12]}`")
     if data:
-        lines.append(
-            f"- **Data:** `{data['source']}`, DVC md5 train `{data['train']}`, test `{data['test']}`"
-        )
+        lines.append(f"- **Data:** `{data['source']}`, DVC md5 train `{data['train']}`, test `{data['test']}`")
     return "\n".join(lines) + "\n"

@@ -753,9 +753,15 @@ def register_model(
                 "gate.decision": decision.reason,
                 "gate.alias": decision.alias,
                 "gate.margin": repr(float(cfg.fid_margin)),
-                "gate.champion_version": compared.version if compared else "",
-                "gate.champion_fid": repr(compared.fid) if compared and compared.fid is not None else "",
             }
+            if compared is not None:  # the champion it was measured against
+                version_tags["gate.champion_version"] = compared.version
+                version_tags["gate.champion_fid"] = repr(compared.fid) if compared.fid is not None else "unknown"
+            else:  # none; a re-run may follow a decision that had one
+                stale = client.get_model_version(name, version).tags
+                for key in ("gate.champion_version", "gate.champion_fid"):
+                    if key in stale:
+                        client.delete_model_version_tag(name, version, key)
             for key, value in version_tags.items():
                 client.set_model_version_tag(name, version, key, value)
             client.update_model_version(name, version, description=f"{decision.alias}: {decision.reason}")

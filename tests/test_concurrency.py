@@ -32,3 +32,14 @@ def test_two_queued_experiments_share_one_sqlite_store(repo_copy, mlflow_uri):
     assert runs["metrics.evaluate.fid"].notna().all()  # generate/evaluate reached the same runs
     shown = run(["dvc", "exp", "show", "--json"], repo_copy).stdout
     assert shown.count("auc_real_vs_noise") >= 2
+    # Both models went through the registry's gate one at a time: two versions, one champion.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    versions = client.search_model_versions("name = 'ebm-mnist'")
+    assert sorted(mv.run_id for mv in versions) == sorted(runs["run_id"])
+    assert sorted(str(mv.version) for mv in versions) == ["1", "2"]
+    first = min(versions, key=lambda mv: int(mv.version))
+    assert first.tags["gate.alias"] == "champion" and first.tags["gate.decision"].startswith("first version")
+    champion = client.get_model_version_by_alias("ebm-mnist", "champion")
+    assert champion.tags["gate.alias"] == "champion"

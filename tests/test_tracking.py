@@ -233,7 +233,8 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
     from pipeline.stages.generate import SAMPLE_IMAGES
     from pipeline.stages.train import BUFFER_IMAGES
 
-    assert logged_images(client, run_id) == {BUFFER_IMAGES: grid_steps, SAMPLE_IMAGES: [n_steps]}
+    # (step 0: the uniform noise an empty buffer hands the sampler)
+    assert logged_images(client, run_id) == {BUFFER_IMAGES: [0, *grid_steps], SAMPLE_IMAGES: [n_steps]}
     expected = {
         "figures/samples.png",  # the final sample grid, as DVC tracks it
         "figures/chain.png",
@@ -555,7 +556,8 @@ def test_model_training_experiment_images_with_steps_and_a_dataset_with_the_dvc_
     exp_id = client.get_experiment_by_name("fresh").experiment_id
     url = tracking.ui_url("http://127.0.0.1:5000", "fresh", mlflow_uri)
     assert url == f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
-    assert tracking.ui_url("http://h:1/", "none yet", mlflow_uri) == "http://h:1/#/experiments?workflowType=machine_learning"
+    none_yet = tracking.ui_url("http://h:1/", "none yet", mlflow_uri)
+    assert none_yet == "http://h:1/#/experiments?workflowType=machine_learning"
 
     for step in (10, 20):
         tracker.log_image(np.full((8, 8), step / 20), key="samples/replay_buffer", step=step)
@@ -589,12 +591,14 @@ def test_run_description_names_recipe_experiment_and_changed_params(tmp_path, mo
     note = provenance.describe_run(
         current, tmp_path, tmp_path, "train", {"dvc.exp_name": "fast-seed0", "dvc.exp_baseline_rev": "abcdef123456"}
     )
+    assert note.splitlines()[0] == "fast recipe · DVC experiment fast-seed0 · changed: train.alpha 0.1 → 0.2"
     assert "**Recipe:** `fast` (`presets/fast.yaml`" in note
     assert "**DVC experiment:** `fast-seed0` from baseline commit `abcdef1`" in note
     assert "**Params changed from the commit's params.yaml:** `train.alpha` 0.1 → 0.2" in note
     same = parse_params(tiny_params_dict()).flat()
     plain = provenance.describe_run(same, tmp_path, tmp_path, "train")
-    assert "`default`" in plain and "changed from the commit's params.yaml:** none" in plain
+    assert plain.splitlines()[0] == "default recipe · dvc repro · params as committed"
+    assert "changed from the commit's params.yaml:** none" in plain
 
 
 def test_remote_urls_lose_their_credentials_before_reaching_mlflow():

@@ -46,12 +46,13 @@ def run(params: Params) -> dict:
         **{k: run_tags[k] for k in ("git.commit", "dvc.exp_name") if k in run_tags},
     }
     try:
-        outcome = tracking.register_model(params.registry, run_id, params.paths.model, float(metrics["fid"]), version_tags)
-        tracker.set_tags(
+        outcome = tracking.register_model(
+            params.registry, run_id, params.paths.model, float(metrics["fid"]), version_tags
+        )
+        tracker.set_tags(  # what was decided then; the live aliases are the registry's (they move later)
             {
-                "registry.model": outcome["model_name"],
-                "registry.version": outcome["version"],
-                "registry.alias": outcome["alias"],
+                "registry.version": f"{outcome['model_name']} v{outcome['version']}",
+                "registry.decision": f"{outcome['alias']}: {outcome['reason']}",
             }
         )
     finally:  # logging the model reopened the run; its training is over either way
@@ -59,6 +60,7 @@ def run(params: Params) -> dict:
     write_json(outcome, out)
     verdict = "kept" if outcome["already_champion"] else "promoted" if outcome["promoted"] else "not promoted"
     print(
-        f"register: {outcome['model_name']} v{outcome['version']} -> {outcome['alias']} ({verdict}): {outcome['reason']}"
+        f"register: {outcome['model_name']} v{outcome['version']} -> {outcome['alias']} ({verdict}): "
+        f"{outcome['reason']}"
     )
     return outcome

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from pipeline import data, distributed, provenance, tracking
+from pipeline.buffer import uniform_noise
 from pipeline.checkpoint import MODEL_FORMAT, atomic_save
 from pipeline.config import Params
 from pipeline.figures import image_grid, save_curves
-from pipeline.model import EnergyNet, count_parameters
+from pipeline.model import IMAGE_SHAPE, EnergyNet, count_parameters
 from pipeline.runtime import describe, hardware, seed_everything
 from pipeline.stages.common import file_md5, split_path, write_json
 from pipeline.train import Trainer, TrainingInterrupted
@@ -104,6 +105,11 @@ def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.d
     )
 
     samples_every = params.train.sample_every
+    if samples_every and not resumed:
+        # Step 0 of the series: what an empty buffer hands the sampler, uniform noise (a generator of its
+        # own: training's random streams stay untouched). MLflow's image card opens on step 0.
+        start = uniform_noise(64, IMAGE_SHAPE, device="cpu", generator=torch.Generator().manual_seed(params.train.seed))
+        tracker.log_image(image_grid(start, nrow=8), key=BUFFER_IMAGES, step=0)
 
     def on_log(step: int, tr: Trainer) -> None:
         if samples_every and step % samples_every == 0 and len(tr.buffer):
