@@ -264,3 +264,22 @@ def test_dvc_yaml_declares_the_model_as_a_dvc_artifact():
     model = artifacts[params.registry.model_name]  # the same name in DVC and in MLflow's registry
     assert model.type == "model" and model.path == params.paths.model
     assert model.desc and "mnist" in model.labels
+
+
+def test_register_without_evaluate_is_one_line(registry, tmp_path, monkeypatch):
+    mlflow_uri = registry[1]  # the module's store: nothing gets registered here
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+    params = parse_params(tiny_params_dict())
+    Path(params.paths.classifier).parent.mkdir(parents=True)
+    Path(params.paths.classifier).write_bytes(b"x")
+    fake_training(params, 0, 50.0, tmp_path / "m.pt")
+    (Path(params.paths.metrics_dir) / "evaluate.json").unlink()
+    from pipeline.data import DataError
+
+    with pytest.raises(DataError, match=r"^register: metrics/evaluate.json not found; run the evaluate stage first$"):
+        register.run(params)
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=mlflow_uri).get_run(tracking.read_run_info(params.paths.run_info))
+    assert run.info.status == "FINISHED"  # the training run is not left open

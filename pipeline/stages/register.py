@@ -34,9 +34,13 @@ def run(params: Params) -> dict:
     # Reopened first: a store or run that cannot be used stops the stage in one line.
     tracker = tracking.resume_run(params.tracking, run_id, params.flat())
     metrics_path = Path(params.paths.metrics_dir) / "evaluate.json"
-    if not metrics_path.is_file():
-        raise DataError(f"register: {metrics_path} not found; run the evaluate stage first")
+    needed = {params.paths.model: "train", params.paths.classifier: "train_classifier", metrics_path: "evaluate"}
+    for path, stage in needed.items():
+        if not Path(path).is_file():
+            raise DataError(f"register: {path} not found; run the {stage} stage first")
     metrics = json.loads(metrics_path.read_text())
+    if not isinstance(metrics.get("fid"), (int, float)):
+        raise DataError(f"register: {metrics_path} has no FID; run the evaluate stage again")
 
     run_tags = tracker.tags()
     version_tags = {
