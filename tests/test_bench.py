@@ -27,7 +27,7 @@ def test_bench_prints_every_line(tmp_path):
     from pipeline.bench import SAMPLER_VARIANTS
 
     cells = ablation[0].split(": ", 1)[1].split(" | ")
-    assert [cell.rsplit(" ", 2)[0] for cell in cells] == [label for label, _ in SAMPLER_VARIANTS], ablation[0]
+    assert [cell.rsplit(" ", 2)[0] for cell in cells] == [variant[0] for variant in SAMPLER_VARIANTS], ablation[0]
     speedup = [line for line in out.splitlines() if line.startswith("speedup: ")]
     assert len(speedup) == 1 and speedup[0].endswith("x") and float(speedup[0][9:-1]) > 0
 
