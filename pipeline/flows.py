@@ -43,7 +43,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline.__main__ import STAGES  # noqa: E402
+from pipeline.stages import STAGES  # noqa: E402
 from pipeline.config import ConfigError, Params, load_params  # noqa: E402
 from pipeline.experiments import (  # noqa: E402
     check_overrides,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.__main__ import STAGES
+from pipeline.stages import STAGES
 from pipeline.config import ConfigError, load_params
 from tests.conftest import ROOT, run, write_params
 
