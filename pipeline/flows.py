@@ -122,23 +122,35 @@ def run_command(args: list[str], cwd: str | Path, on_line: Callable[[str], None]
         threading.Thread(target=pump, args=(stream, is_err), daemon=True).start()
     result = CommandResult(returncode=-1)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    open_streams = 2
+
+    def take(timeout: float | None = None) -> None:
+        nonlocal open_streams
+        item = lines.get(timeout=timeout)
+        if item is None:
+            open_streams -= 1
+            return
+        is_err, line = item
+        result.lines.append(line)
+        if is_err and line.strip():
+            tail.append(line)
+        if on_line is not None and line.strip():
+            on_line(line)
+
     try:
-        open_streams = 2
         while open_streams:
-            item = lines.get()
-            if item is None:
-                open_streams -= 1
-                continue
-            is_err, line = item
-            result.lines.append(line)
-            if is_err and line.strip():
-                tail.append(line)
-            if on_line is not None and line.strip():
-                on_line(line)
+            take()
         result.returncode = proc.wait()
     finally:
         if proc.poll() is None:
             _stop(proc, posix)
+            # What the command said while stopping (a training stage: "checkpoint saved") still reaches the log.
+            deadline = time.monotonic() + INTERRUPT_GRACE_S
+            try:
+                while open_streams and time.monotonic() < deadline:
+                    take(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - queue.Empty, or a logger gone: the interrupt is what matters
+                pass
     result.stderr_tail = list(tail)
     return result
 
