@@ -108,6 +108,12 @@ class Progress:
                 self.last_line = now
                 self._print_line()
 
+    def due(self, n: int = 1) -> bool:
+        """Whether advancing by ``n`` would print a line now: a caller fetches fresh statistics only then."""
+        if self.mode != "lines":
+            return False
+        return self.clock() - self.last_line >= self.interval or self.n + n >= self.total
+
     def moveto(self, n: int) -> None:
         """Set the position without counting steps (a rollback to an earlier step)."""
         self.n = self.start_n = n

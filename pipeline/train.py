@@ -391,8 +391,11 @@ class Trainer:
                         bar.moveto(self.step)
                         continue
                     shown = {label: values[key] for key, label in SHOWN if key in values}
-                elif self.dist.enabled:
-                    stop = False  # ranks act on a signal only where they have agreed on it
+                else:
+                    if self.dist.enabled:
+                        stop = False  # ranks act on a signal only where they have agreed on it
+                    if bar.due():  # a progress line now: this process's latest statistics (one host sync)
+                        shown = {label: float(stats[key]) for key, label in SHOWN if key in stats}
                 self.update_ema(step)
                 self.step = done
                 bar.update(1, shown)

@@ -81,6 +81,37 @@ def test_stats_persist_until_new_ones_arrive_and_a_rollback_restarts_the_rate():
     assert out.getvalue().splitlines()[-1] == "train: divergence at step 5"
 
 
+def test_a_line_is_due_at_the_interval_and_at_the_end():
+    clock = Clock()
+    progress = Progress("train", 3, mode="lines", interval=30.0, stream=io.StringIO(), clock=clock)
+    assert not progress.due()
+    clock.now += 30.0
+    assert progress.due()
+    progress.update(1)
+    assert not progress.due() and progress.due(2)  # 3 of 3: the last line
+    assert not Progress("train", 1, mode="bar", stream=Terminal()).due()
+
+
+def test_lines_carry_the_statistics_also_between_checked_steps(tmp_path, capsys):
+    """On a GPU the statistics reach the host at log and checkpoint steps; a line between them fetches its own."""
+    import torch
+
+    from pipeline.config import parse_params
+    from pipeline.train import Trainer
+    from pipeline.tracking import NullTracker
+    from tests.conftest import tiny_params_dict
+
+    raw = tiny_params_dict({"runtime": {"progress_seconds": 0}, "train": {"log_every": 4, "checkpoint_every": 4, "sample_every": 0}})
+    images = torch.rand(32, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    trainer = Trainer(parse_params(raw), images, torch.device("cpu"), NullTracker(), tmp_path / "c.pt", progress="lines")
+    trainer.check_every_step = False  # as on a GPU
+    trainer.fit()
+    lines = _lines(capsys.readouterr().err, "train")
+    assert [int(m["n"]) for m in lines] == [1, 2, 3, 4]  # steps 1-3 are neither log nor checkpoint steps
+    for m in lines:
+        assert re.findall(r", ([a-z ]+) -?\d", m["stats"]) == ["loss", "real score", "fake score"], m[0]
+
+
 def test_off_prints_nothing_and_the_bar_draws_on_a_terminal():
     out = io.StringIO()
     progress = Progress("generate", 3, mode="off", interval=0.0, stream=out)
