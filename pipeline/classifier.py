@@ -72,7 +72,8 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.update(1, {"loss": loss.item()} if bar.mode != "off" else None)
+            shown = bar.mode == "bar" or bar.due()  # the loss reaches the host only to be shown
+            bar.update(1, {"loss": loss.item()} if shown else None)
     bar.close()
     model.eval()
     return model

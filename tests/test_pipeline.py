@@ -54,7 +54,11 @@ def test_repro_leaves_samples_figures_and_metrics(repro):
 
 
 def test_second_repro_does_nothing(repro):
+    """...also after a change of runtime.progress_seconds, which changes no output (dvc.yaml leaves it out)."""
     dest, env, _ = repro
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["runtime"]["progress_seconds"] = 5
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     again = run(["dvc", "repro"], dest, env=env)
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout.lower()
