@@ -17,6 +17,7 @@ No ML here: the stages are ``python -m pipeline <stage>`` commands run by DVC.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -146,11 +147,9 @@ def run_command(args: list[str], cwd: str | Path, on_line: Callable[[str], None]
             _stop(proc, posix)
             # What the command said while stopping (a training stage: "checkpoint saved") still reaches the log.
             deadline = time.monotonic() + INTERRUPT_GRACE_S
-            try:
+            with contextlib.suppress(Exception):  # queue.Empty, or a logger gone: the interrupt is what matters
                 while open_streams and time.monotonic() < deadline:
                     take(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # noqa: BLE001 - queue.Empty, or a logger gone: the interrupt is what matters
-                pass
     result.stderr_tail = list(tail)
     return result
 

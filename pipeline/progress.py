@@ -40,7 +40,7 @@ def as_mode(progress: str | bool) -> str:
 
 def format_duration(seconds: float) -> str:
     """42s, 7m50s, 2h05m."""
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     minutes, secs = divmod(seconds, 60)
@@ -148,12 +148,6 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-    def __enter__(self) -> "Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 __all__ = ["MODES", "Progress", "as_mode", "format_duration", "progress_mode"]

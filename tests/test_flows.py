@@ -13,16 +13,16 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.stages import STAGES
 from pipeline.config import ConfigError, load_params
+from pipeline.stages import STAGES
 from tests.conftest import ROOT, run, write_params
 
 FAKE_STAGE = """\

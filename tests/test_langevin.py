@@ -94,7 +94,8 @@ def bf16_error_bound(model: EnergyNet, x: torch.Tensor) -> torch.Tensor:
         net.zero_grad()
         h.sum().backward()
         with torch.no_grad():
-            terms = sum((q.grad * q).abs().sum() for q in rounded) + sum((p.grad * p).abs().sum() for p in net.parameters())
+            terms = sum((q.grad * q).abs().sum() for q in rounded)
+            terms += sum((p.grad * p).abs().sum() for p in net.parameters())
         bounds.append(U_BF16 * terms.item())
     return torch.tensor(bounds)
 

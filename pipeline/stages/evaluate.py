@@ -36,7 +36,8 @@ def run(params: Params) -> dict:
         ) from None
     if samples.ndim != 4 or tuple(samples.shape[1:]) != IMAGE_SHAPE:
         raise data.DataError(
-            f"evaluate: {samples_path} holds shape {tuple(samples.shape)}, expected (N, 1, 32, 32); run the generate stage again"
+            f"evaluate: {samples_path} holds shape {tuple(samples.shape)}, expected (N, 1, 32, 32); "
+            "run the generate stage again"
         )
     tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     generator = torch.Generator().manual_seed(params.evaluate.seed)
