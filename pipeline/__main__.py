@@ -2,15 +2,19 @@
 
 Params are loaded and validated once, before anything heavy is imported; a bad params.yaml
 stops the stage with exit code 2 and one line naming the key, the value and what is allowed.
+Every other user error is one line too, never a traceback: a device that is not there (exit
+code 2, like a bad param), missing or malformed data, files and checkpoints, an unusable
+tracking server (exit code 1). A stage stopped by SIGINT or SIGTERM exits with 128 + signal.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
-STAGES = ("prepare", "train_classifier", "train", "generate", "evaluate")
+from pipeline.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         help="a DVC stage, the Prefect flow, the benchmark, or the recipe comparison",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="show no progress (by default: bars on a terminal, else a line every runtime.progress_seconds)",
+    )
     if sub:
         args, extra = parser.parse_known_args(argv)
     else:
@@ -40,14 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    progress = not args.no_progress and sys.stderr.isatty()
 
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
     from pipeline.distributed import DistributedError
+    from pipeline.progress import progress_mode
+    from pipeline.runtime import DeviceError
     from pipeline.tracking import TrackingError
     from pipeline.train import TrainingDiverged, TrainingInterrupted
 
+    progress = progress_mode(not args.no_progress, sys.stderr)  # bar on a terminal, else plain lines
     try:
         if args.command in STAGES:
             import importlib
@@ -69,11 +79,20 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.compare import main as compare_main
 
             return compare_main(extra, params_path=args.params)
+    except DeviceError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     except TrainingInterrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + exc.signum
     except (DataError, CheckpointError, TrackingError, TrainingDiverged, DistributedError) as exc:
         print(exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{args.command}: interrupted (SIGINT); run it again to redo it", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as exc:  # a file that cannot be read or written: disk full, no permission, ...
+        print(f"{args.command}: {exc}", file=sys.stderr)
         return 1
     return 0
 

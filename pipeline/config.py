@@ -43,6 +43,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     flush_denormal: bool = True  # CPU: treat float32 values below 1e-38 as zero (denormals are ~10x slower)
+    progress_seconds: float = 30.0  # seconds between plain progress lines when stderr is not a terminal; 0 = every step
 
     def validate(self, section: str) -> None:
         ok = self.device in ("auto", "cpu", "cuda", "mps") or (
@@ -52,6 +53,8 @@ class RuntimeConfig:
             raise _allowed(f"{section}.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
         if self.threads < 0:
             raise _allowed(f"{section}.threads", self.threads, "an integer >= 0 (0 = torch's default)")
+        if not self.progress_seconds >= 0 or self.progress_seconds == float("inf"):
+            raise _allowed(f"{section}.progress_seconds", self.progress_seconds, "a number of seconds >= 0 (0 = every step)")
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ TINY = {
     "train": {
         "epochs": 2,
         "batch_size": 16,
-        "log_every": 1,
-        "sample_every": 4,
+        "log_every": 3,  # > 1 and not a divisor of the 8 steps: the last step is logged on its own
+        "sample_every": 6,
         "checkpoint_every": 2,
     },
     "classifier": {"epochs": 1, "batch_size": 32, "feature_dim": 16},

@@ -43,13 +43,22 @@ def test_repro_leaves_samples_figures_and_metrics(repro):
     assert summary["splits"]["train"]["count"] == params["data"]["limit"]
     rows = (dest / "plots" / "train.csv").read_text().strip().splitlines()
     steps = params["train"]["epochs"] * (params["data"]["limit"] // params["train"]["batch_size"])
-    assert len(rows) == 1 + steps // params["train"]["log_every"]
+    every = params["train"]["log_every"]
+    assert every > 1 and steps % every, "the tiny config must log every few steps, and the last one apart"
+    # a row every log_every steps, and one for the last step: ceil(steps / log_every)
+    assert len(rows) == 1 + -(-steps // every)
+    logged = [int(float(row.split(",")[0])) for row in rows[1:]]
+    assert logged == [*range(every, steps + 1, every), steps]
     shown = run(["dvc", "metrics", "show", "--json"], dest).stdout
     assert "auc_real_vs_noise" in shown
 
 
 def test_second_repro_does_nothing(repro):
+    """...also after a change of runtime.progress_seconds, which changes no output (dvc.yaml leaves it out)."""
     dest, env, _ = repro
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["runtime"]["progress_seconds"] = 5
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     again = run(["dvc", "repro"], dest, env=env)
     assert "Running stage" not in again.stdout
     assert "up to date" in again.stdout.lower()

@@ -162,7 +162,10 @@ def test_one_run_with_every_param_and_the_tags(repo):
     assert r.info.status == "FINISHED"
 
     params = flatten(yaml.safe_load((repo.path / "params.yaml").read_text()))
-    assert set(r.data.params) == set(params)
+    # every value of params.yaml, and the sampler's precision as it resolved on this machine
+    assert set(r.data.params) == set(params) | {"langevin.precision_resolved"}
+    trained = json.loads((repo.path / "metrics/train.json").read_text())
+    assert r.data.params["langevin.precision_resolved"] == trained["precision"] in ("fp32", "bf16")
     for key in ("langevin.step_size", "train.alpha", "buffer.size", "buffer.reinit_prob", "model.channels"):
         assert key in r.data.params
     bad = {k: (r.data.params[k], v) for k, v in params.items() if not same_param(r.data.params[k], v)}
@@ -175,9 +178,12 @@ def test_one_run_with_every_param_and_the_tags(repo):
     assert tags["dvc.data_md5.train"] == lock_md5(repo.baseline_lock, "data/prepared/train.pt")
     assert tags["dvc.data_md5.test"] == lock_md5(repo.baseline_lock, "data/prepared/test.pt")
     assert tags["dvc.model_md5"] == lock_md5(repo.baseline_lock, "models/ebm.pt")
-    assert tags["device"].startswith("cpu")
     import torch
 
+    # runtime.device auto: CUDA where this machine has it, else the CPU (the stages ran in this environment)
+    assert tags["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert tags["device"] == tags["hardware.device"]
+    assert tags["precision"] == trained["precision"]
     assert tags["torch"] == torch.__version__
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import MODEL_FORMAT, safe_load
+from pipeline.checkpoint import MODEL_FORMAT, CheckpointError, safe_load
 from pipeline.config import ModelConfig, Params
 from pipeline.model import EnergyNet
 
@@ -37,6 +37,8 @@ def split_path(params: Params, name: str) -> Path:
 
 def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet, dict]:
     """Rebuild the network from the config stored beside its weights."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"model: {path} not found; run the train stage first (dvc repro train)")
     blob = safe_load(path, MODEL_FORMAT)
     cfg = blob["model_config"]
     model = EnergyNet.from_config(ModelConfig(channels=tuple(cfg["channels"]), hidden=int(cfg["hidden"])))
@@ -47,6 +49,8 @@ def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet
 def load_classifier(path: str | Path, device: torch.device):
     from pipeline.classifier import DigitClassifier
 
+    if not Path(path).is_file():
+        raise CheckpointError(f"classifier: {path} not found; run the train_classifier stage first")
     blob = safe_load(path, CLASSIFIER_FORMAT)
     model = DigitClassifier(int(blob["feature_dim"]))
     model.load_state_dict(blob["model"])

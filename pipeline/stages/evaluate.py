@@ -18,8 +18,8 @@ from pipeline.stages.common import file_md5, load_classifier, load_energy_model,
 
 
 def run(params: Params) -> dict:
-    # Reopened first: a store or run that cannot be used stops the stage before any scoring.
-    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
+    # An absent device or input stops the stage before anything is touched; then the MLflow run is
+    # reopened, so a store or run that cannot be used stops it before any scoring.
     device = resolve_device(params.runtime)
     model, _ = load_energy_model(params.paths.model, device)
     classifier = load_classifier(params.paths.classifier, device)
@@ -28,7 +28,18 @@ def run(params: Params) -> dict:
     samples_path = Path(params.paths.samples_dir) / "samples.npy"
     if not samples_path.is_file():
         raise data.DataError(f"evaluate: {samples_path} not found; run the generate stage first")
-    samples = torch.from_numpy(np.load(samples_path))
+    try:
+        samples = torch.from_numpy(np.load(samples_path, allow_pickle=False))
+    except (OSError, ValueError) as exc:
+        raise data.DataError(
+            f"evaluate: {samples_path} is not a samples array ({type(exc).__name__}); run the generate stage again"
+        ) from None
+    if samples.ndim != 4 or tuple(samples.shape[1:]) != IMAGE_SHAPE:
+        raise data.DataError(
+            f"evaluate: {samples_path} holds shape {tuple(samples.shape)}, expected (N, 1, 32, 32); "
+            "run the generate stage again"
+        )
+    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     generator = torch.Generator().manual_seed(params.evaluate.seed)
     noise = uniform_noise(params.evaluate.n_noise, IMAGE_SHAPE, device="cpu", generator=generator)
 
