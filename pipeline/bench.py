@@ -59,10 +59,12 @@ def forward_flops(model: EnergyNet, image_shape: tuple[int, ...] = IMAGE_SHAPE) 
     return flops
 
 
-def eager_reference_step(model, optimizer, buffer_images, real, steps, step_size, noise, grad_clip, alpha, reinit_prob):
+def eager_reference_step(
+    model, optimizer, buffer_images, real, steps, step_size, noise, grad_clip, alpha, reinit_prob, real_noise
+):
     """The CD step as a plain fp32 eager loop, the way a tutorial writes it (the baseline)."""
     n = real.shape[0]
-    real = (real + noise * torch.randn_like(real)).clamp(-1, 1)
+    real = (real + real_noise * torch.randn_like(real)).clamp(-1, 1)
     n_new = int(torch.distributions.Binomial(n, torch.tensor(reinit_prob)).sample().item())
     fresh = torch.rand(n_new, *real.shape[1:], device=real.device) * 2 - 1
     old = buffer_images[torch.randint(0, buffer_images.shape[0], (n - n_new,), device=real.device)]
@@ -72,7 +74,9 @@ def eager_reference_step(model, optimizer, buffer_images, real, steps, step_size
     for _ in range(steps):
         x = (x + noise * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
         grad = torch.autograd.grad(model(x).sum(), x)[0]
-        x = (x + step_size * grad.clamp(-grad_clip, grad_clip)).clamp(-1, 1).detach()
+        if grad_clip > 0:  # 0 = no clip, as in the trainer
+            grad = grad.clamp(-grad_clip, grad_clip)
+        x = (x + step_size * grad).clamp(-1, 1).detach()
     for p in model.parameters():
         p.requires_grad_(True)
     scores = model(torch.cat([real, x]))
@@ -142,7 +146,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     def eager() -> None:
         eager_reference_step(
             base_model, base_opt, filled, real, lcfg.steps, lcfg.step_size, lcfg.noise, lcfg.grad_clip,
-            tcfg.alpha, bcfg.reinit_prob,
+            tcfg.alpha, bcfg.reinit_prob, tcfg.real_noise,
         )
 
     # (2) the project's trainer step

@@ -108,7 +108,7 @@ def test_eager_reference_step_makes_the_same_update_as_cd_step(sampler):
     eager, eager_opt = fresh()
     eager_fake = eager_reference_step(
         eager, eager_opt, stored, real.clone(), lcfg.steps, lcfg.step_size, lcfg.noise, lcfg.grad_clip, tcfg.alpha,
-        params.buffer.reinit_prob,
+        params.buffer.reinit_prob, tcfg.real_noise,
     )
     mine, mine_opt = fresh()
     buffer = ReplayBuffer(params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob)
