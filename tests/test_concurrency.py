@@ -18,7 +18,7 @@ def queue_logs(repo, names) -> str:
     return "".join(out)
 
 
-def test_two_queued_experiments_share_one_sqlite_store(repo_copy, mlflow_uri):
+def test_two_queued_experiments_share_one_sqlite_store(repo_copy, new_mlflow_uri):
     import mlflow
 
     names = {"0.2": "alpha-02", "0.3": "alpha-03"}
@@ -34,7 +34,7 @@ def test_two_queued_experiments_share_one_sqlite_store(repo_copy, mlflow_uri):
         time.sleep(3)
     assert status.count("Success") == 2, status + queue_logs(repo_copy, names.values())
 
-    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_tracking_uri(new_mlflow_uri)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 2, runs
     assert sorted(runs["params.train.alpha"]) == ["0.2", "0.3"]

@@ -54,7 +54,7 @@ def test_absent_cuda_stops_train_with_exit_2_in_one_line_and_writes_nothing(tmp_
 
 
 @pytest.mark.parametrize("stage", ["train_classifier", "train", "generate", "evaluate"])
-def test_absent_mps_stops_every_stage_that_computes_with_exit_2(stage, tmp_path, monkeypatch, mlflow_uri, capsys):
+def test_absent_mps_stops_every_stage_that_computes_with_exit_2(stage, tmp_path, monkeypatch, new_mlflow_uri, capsys):
     if torch.backends.mps.is_available():  # a Mac with an Apple GPU: hide it
         importlib.import_module("torch._dynamo")  # it keeps a reference to the real function: load it first
 
@@ -88,7 +88,7 @@ def test_too_few_images_for_one_batch_per_process_is_a_data_error():
     assert "train.batch_size=16" in message and "lower train.batch_size" in message
 
 
-def test_train_with_too_few_images_exits_1_before_the_store_or_a_checkpoint(tmp_path, monkeypatch, mlflow_uri, capsys):
+def test_train_with_too_few_images_exits_1_before_the_store_or_a_checkpoint(tmp_path, monkeypatch, new_mlflow_uri, capsys):
     write_params(tmp_path / "params.yaml", {"data": {"limit": 10}})  # 10 images, batches of 16
     monkeypatch.chdir(tmp_path)
     assert main(["prepare"]) == 0
@@ -98,7 +98,7 @@ def test_train_with_too_few_images_exits_1_before_the_store_or_a_checkpoint(tmp_
     line = _one_line(capsys)
     assert line.startswith("train: 10 training images over 1 process(es) are fewer than one batch")
     assert _files(tmp_path) == before  # no mlflow.db, no models/
-    assert not Path(mlflow_uri.removeprefix("sqlite:///")).exists()
+    assert not Path(new_mlflow_uri.removeprefix("sqlite:///")).exists()
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ def test_train_with_too_few_images_exits_1_before_the_store_or_a_checkpoint(tmp_
         ("evaluate", "models/ebm.pt not found; run the train stage first"),
     ],
 )
-def test_a_missing_input_is_one_line_exit_1(stage, needle, tmp_path, monkeypatch, mlflow_uri, capsys):
+def test_a_missing_input_is_one_line_exit_1(stage, needle, tmp_path, monkeypatch, new_mlflow_uri, capsys):
     write_params(tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     assert main([stage]) == 1
@@ -118,7 +118,7 @@ def test_a_missing_input_is_one_line_exit_1(stage, needle, tmp_path, monkeypatch
     assert _files(tmp_path) == ["params.yaml"]
 
 
-def test_a_broken_run_info_file_is_one_line_exit_1(tmp_path, monkeypatch, mlflow_uri, capsys):
+def test_a_broken_run_info_file_is_one_line_exit_1(tmp_path, monkeypatch, new_mlflow_uri, capsys):
     from pipeline.checkpoint import MODEL_FORMAT, atomic_save
     from pipeline.model import EnergyNet
 
