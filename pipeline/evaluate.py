@@ -26,6 +26,13 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
+def acceptance_threshold(real: np.ndarray, accept_share: float) -> float:
+    """The largest score that at least ``accept_share`` of ``real`` reach: score >= it reads "a digit"."""
+    ordered = np.sort(real)
+    rejected = int(np.floor((1 - accept_share) * len(ordered) + 1e-9))  # + 1e-9: (1 - 0.9) * 10 is 0.999...
+    return float(ordered[rejected])
+
+
 def energy_separation(real: np.ndarray, noise: np.ndarray, samples: np.ndarray) -> dict[str, float]:
     return {
         "score_real": float(real.mean()),

@@ -95,3 +95,63 @@ def save_curves(history: Sequence[dict[str, float]], path: str | Path) -> plt.Fi
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return fig
+
+
+def save_ood_scores(
+    real: np.ndarray,
+    cases: dict[str, np.ndarray],
+    aucs: dict[str, float],
+    threshold: float | None,
+    path: str | Path,
+    bins: int = 40,
+) -> plt.Figure:
+    """One panel per out-of-distribution case: its score histogram over the held-out digits', with its AUC
+    and the in/out threshold. Each panel has its own score axis: noise scores far below the digits' would
+    squeeze the cases that overlap them into a few bins."""
+    cols = min(3, len(cases))
+    rows = -(-len(cases) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.5), squeeze=False)
+    for ax, (name, scores) in zip(axes.flat, cases.items()):
+        both = np.concatenate([real, scores])
+        both = both[np.isfinite(both)]
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (-1.0, 1.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+        ax.hist(real, bins=edges, alpha=0.55, density=True, color="C0")
+        ax.hist(scores, bins=edges, alpha=0.55, density=True, color="C1")
+        if threshold is not None:
+            ax.axvline(threshold, color="black", lw=1, ls="--")
+        ax.set_title(f"{name}: AUC {aucs[name]:.3f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+        ax.set_xlabel("score s(x) = -E(x)", fontsize=7)
+    for ax in list(axes.flat)[len(cases) :]:
+        ax.axis("off")
+    note = "; dashed: the in/out threshold" if threshold is not None else ""
+    fig.suptitle(f"Scores of held-out digits (blue) and of each out-of-distribution case (orange){note}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def save_rows(rows: dict[str, Sequence[torch.Tensor | None]], path: str | Path, title: str) -> plt.Figure:
+    """One labelled row of images per entry ((N, 1, H, W) in [-1, 1], or a list of (1, H, W) images in which
+    None leaves a blank), e.g. examples of each OOD case, or original / damaged / restored digits."""
+    cols = max(len(images) for images in rows.values())
+    height = 0.8 * len(rows) + 0.2 + 0.2 * (title.count("\n") + 1)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(0.75 * cols + 1.6, height), squeeze=False)
+    for i, (label, images) in enumerate(rows.items()):
+        for j in range(cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(images) and images[j] is not None:
+                ax.imshow(to_unit(images[j])[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.set_frame_on(False)  # a blank, keeping the row's label
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
