@@ -86,15 +86,14 @@ def test_second_repro_does_nothing(repro):
     assert "up to date" in again.stdout.lower()
 
 
-def test_ood_or_restore_param_reruns_only_that_stage(repro):
+def test_ood_and_restore_params_rerun_only_their_stages(repro):
     dest, env, _ = repro
-    for section, key, value, stage in (("ood", "noisy_std", 0.2, "ood"), ("restore", "steps", 2, "restore")):
-        params = yaml.safe_load((dest / "params.yaml").read_text())
-        params[section][key] = value
-        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        out = run(["dvc", "repro"], dest, env=env).stdout
-        ran = {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")}
-        assert ran == {stage}, (key, ran)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["ood"]["noisy_std"] = 0.2
+    params["restore"]["steps"] = 2
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = run(["dvc", "repro"], dest, env=env).stdout
+    assert {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage")} == {"ood", "restore"}
 
 
 def test_evaluate_param_reruns_only_evaluate(repro):
