@@ -5,7 +5,7 @@ Reads ``.npy`` arrays and ``.png`` images. An array holds one image or a stack: 
 with the background as the prepare stage pads them. Values in [-1, 1] are taken as the model's
 space (background -1, ink 1); otherwise values in [0, 255] are pixel intensities (0 = background).
 A PNG is read as grey levels 0-255 and must be 28 x 28 or 32 x 32. Like MNIST, digits are light on
-a dark background: a dark digit on white paper is an inverted digit, which the energy calls out.
+a dark background: a dark digit on white paper is an inverted digit, which the energy should reject.
 
 Each image gets its score s(x) = -E(x) and ``in`` (a digit) when the score reaches the threshold
 that ``evaluate`` stored with the model (``paths.threshold``), else ``out``.
@@ -14,7 +14,6 @@ that ``evaluate`` stored with the model (``paths.threshold``), else ``out``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pipeline.config import Params
 from pipeline.data import BACKGROUND, PAD, DataError
 from pipeline.evaluate import score_images
 from pipeline.runtime import resolve_device
-from pipeline.stages.common import file_md5, load_energy_model
+from pipeline.stages.common import load_energy_model, read_threshold
 
 
 def _to_model_space(array: np.ndarray, name: str) -> torch.Tensor:
@@ -87,23 +86,6 @@ def read_images(path: str | Path) -> torch.Tensor:
     raise DataError(f"score: {path} is neither .npy nor .png")
 
 
-def read_threshold(params: Params) -> float:
-    """The stored in/out threshold, checked to belong to the model on disk."""
-    path = Path(params.paths.threshold)
-    if not path.is_file():
-        raise DataError(f"score: {path} not found; run `dvc repro` (the evaluate stage writes it)")
-    try:
-        record = json.loads(path.read_text())
-        threshold, model_md5 = float(record["threshold"]), str(record["model_md5"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"score: {path} is not a threshold file ({type(exc).__name__})") from None
-    if model_md5 != file_md5(params.paths.model):
-        raise DataError(
-            f"score: {path} was chosen for another model than {params.paths.model}; run `dvc repro evaluate`"
-        )
-    return threshold
-
-
 def main(params: Params, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline score", description=__doc__.splitlines()[0]
@@ -113,7 +95,7 @@ def main(params: Params, argv: list[str]) -> int:
     model_path = Path(params.paths.model)
     if not model_path.is_file():
         raise DataError(f"score: {model_path} not found; run `dvc repro` (or `dvc pull`) first")
-    threshold = read_threshold(params)
+    threshold = read_threshold(params, "score")
     images = {name: read_images(name) for name in args.files}  # every file checked before any scoring
     device = resolve_device(params.runtime)
     model, _ = load_energy_model(model_path, device)

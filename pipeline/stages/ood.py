@@ -8,7 +8,6 @@ the MLflow run that trained the model.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,19 +18,9 @@ from pipeline.evaluate import score_images
 from pipeline.figures import save_ood_scores, save_rows
 from pipeline.ood import case_metrics, make_cases, markdown_table
 from pipeline.runtime import resolve_device
-from pipeline.stages.common import load_energy_model, split_path, write_json
+from pipeline.stages.common import load_energy_model, read_threshold, split_path, write_json
 
 EXAMPLES_PER_NOISE_CASE = 10  # columns of the noise cases in plots/ood_cases.png
-
-
-def read_threshold(path: str | Path) -> float:
-    path = Path(path)
-    try:
-        return float(json.loads(path.read_text())["threshold"])
-    except FileNotFoundError:
-        raise data.DataError(f"ood: {path} not found; run the evaluate stage first") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise data.DataError(f"ood: {path} is not a threshold file ({type(exc).__name__})") from None
 
 
 def example_rows(images: torch.Tensor, labels: torch.Tensor, cfg: OodConfig) -> dict[str, list]:
@@ -57,7 +46,7 @@ def run(params: Params) -> dict:
     tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     device = resolve_device(params.runtime)
     model, _ = load_energy_model(params.paths.model, device)
-    threshold = read_threshold(params.paths.threshold)
+    threshold = read_threshold(params, "ood")
     test_split = data.load_split(split_path(params, "test"))
     cases = make_cases(test_split.images, test_split.labels, params.ood)
 
