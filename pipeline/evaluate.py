@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from pipeline.classifier import DigitClassifier, predict
 from pipeline.fid import fid_from_features
@@ -20,6 +19,8 @@ def score_images(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
+    from scipy.stats import rankdata  # here: scipy.stats takes seconds to import, and score needs none of it
+
     ranks = rankdata(np.concatenate([positive, negative]))
     n_pos, n_neg = len(positive), len(negative)
     u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2

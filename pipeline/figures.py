@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -21,6 +20,8 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(images: torch.Tensor, nrow: int = 10) -> np.ndarray:
     """(N, 1, H, W) in [-1, 1] -> an (H', W') array in [0, 1]."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds, most stages need none
+
     grid = make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
     return grid[0].numpy()
 
@@ -136,21 +137,29 @@ def save_ood_scores(
 
 def save_rows(rows: dict[str, Sequence[torch.Tensor | None]], path: str | Path, title: str) -> plt.Figure:
     """One labelled row of images per entry ((N, 1, H, W) in [-1, 1], or a list of (1, H, W) images in which
-    None leaves a blank), e.g. examples of each OOD case, or original / damaged / restored digits."""
+    None leaves a blank), e.g. examples of each OOD case, or original / damaged / restored digits.
+
+    Drawn as one image with the labels beside it: a subplot per digit would take seconds to lay out."""
+    pad = 2
+    first = next(image for images in rows.values() for image in images if image is not None)
+    h, w = first.shape[-2:]
     cols = max(len(images) for images in rows.values())
-    height = 0.8 * len(rows) + 0.2 + 0.2 * (title.count("\n") + 1)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(0.75 * cols + 1.6, height), squeeze=False)
-    for i, (label, images) in enumerate(rows.items()):
-        for j in range(cols):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(images) and images[j] is not None:
-                ax.imshow(to_unit(images[j])[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            else:
-                ax.set_frame_on(False)  # a blank, keeping the row's label
-        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    # mid-grey between the images and for blanks: both black and white backgrounds stand out from it
+    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad), 0.5)
+    for i, images in enumerate(rows.values()):
+        for j, image in enumerate(images):
+            if image is not None:
+                top, left = pad + i * (h + pad), pad + j * (w + pad)
+                canvas[top : top + h, left : left + w] = to_unit(image)[0].numpy()
+    lines = title.count("\n") + 1
+    fig, ax = plt.subplots(figsize=(0.55 * cols + 1.7, 0.55 * len(rows) + 0.25 + 0.2 * lines))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(len(rows))], list(rows), fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

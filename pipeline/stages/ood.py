@@ -66,7 +66,7 @@ def run(params: Params) -> dict:
     save_rows(
         example_rows(test_split.images, test_split.labels, params.ood),
         plots / "ood_cases.png",
-        "A held-out digit of each class and what each case makes of it (blank: left out of that case)",
+        "A held-out digit of each class and what each case makes of it (grey: left out of that case)",
     )
 
     tracker.log_metrics_file(metrics_dir / "ood.json")  # ood.<key>
