@@ -19,15 +19,15 @@ from pipeline.stages import STAGES
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # `flow`, `bench` and `compare` have options of their own (and their own --help): hand them the rest.
-    sub = bool(argv) and argv[0] in ("flow", "bench", "compare")
+    # `flow`, `bench`, `compare` and `score` have arguments of their own (and their own --help): hand them the rest.
+    sub = bool(argv) and argv[0] in ("flow", "bench", "compare", "score")
     parser = argparse.ArgumentParser(
         prog="python -m pipeline", description=__doc__.splitlines()[0], add_help=not sub
     )
     parser.add_argument(
         "command",
-        choices=(*STAGES, "flow", "bench", "compare"),
-        help="a DVC stage, the Prefect flow, the benchmark, or the recipe comparison",
+        choices=(*STAGES, "flow", "bench", "compare", "score"),
+        help="a DVC stage, the Prefect flow, the benchmark, the recipe comparison, or the score of your own images",
     )
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
     parser.add_argument(
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             import importlib
 
             stage = importlib.import_module(f"pipeline.stages.{args.command}")
-            if args.command in ("prepare", "evaluate"):
+            if args.command in ("prepare", "evaluate", "ood"):
                 stage.run(params)
             else:
                 stage.run(params, progress=progress)
@@ -79,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.compare import main as compare_main
 
             return compare_main(extra, params_path=args.params)
+        elif args.command == "score":
+            from pipeline.score import main as score_main
+
+            return score_main(params, extra)
     except DeviceError as exc:
         print(exc, file=sys.stderr)
         return 2

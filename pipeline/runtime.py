@@ -105,3 +105,11 @@ def hardware(device: torch.device) -> dict[str, str]:
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": str(bf16_is_native(device)).lower(),
     }
+
+
+def named_seed(seed: int, name: str) -> int:
+    """A seed derived from ``seed`` and a name, so each named stream (an OOD case, a restoration task)
+    draws the same numbers whichever other streams exist and in whatever order they run."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1

@@ -54,6 +54,13 @@ BAD = [
     ("generate", "chain_steps", [0, 10_000], "generate.chain_steps"),
     ("generate", "step_size", 0.0, "generate.step_size"),
     ("tracking", "enabled", "yes", "tracking.enabled"),
+    ("evaluate", "accept_share", 1.0, "evaluate.accept_share"),
+    ("ood", "cases", ["flip", "mirror"], "ood.cases"),
+    ("ood", "flip_exclude", [1, 10], "ood.flip_exclude"),
+    ("ood", "shrink_factor", 1.5, "ood.shrink_factor"),
+    ("restore", "inpaint_region", "middle", "restore.inpaint_region"),
+    ("restore", "denoise_kind", "blur", "restore.denoise_kind"),
+    ("restore", "denoise_share", 0.0, "restore.denoise_share"),
 ]
 
 

@@ -55,7 +55,7 @@ def prefect_server():
 
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch) -> tuple[Path, Path]:
-    """A git + DVC repository whose five stages are a cheap script; returns (repo, state dir)."""
+    """A git + DVC repository whose stages are a cheap script; returns (repo, state dir)."""
     repo = tmp_path / "fake"
     state = tmp_path / "state"
     repo.mkdir()

@@ -208,7 +208,7 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
     client = repo.client()
     run_id = repo.baseline_run_id
     metrics = client.get_run(run_id).data.metrics
-    for stem in ("train", "generate", "evaluate"):
+    for stem in ("train", "generate", "evaluate", "ood", "restore"):
         expected = numeric_leaves(json.loads((repo.path / f"metrics/{stem}.json").read_text()), stem)
         assert expected and {k: metrics[k] for k in expected} == expected
 
@@ -233,6 +233,14 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
         "metrics/train.json",
         "metrics/generate.json",
         "metrics/evaluate.json",
+        "metrics/threshold.json",  # the in/out threshold stored with the model
+        "metrics/ood.json",
+        "metrics/ood.md",
+        "metrics/restore.json",
+        "metrics/restore.md",
+        "figures/ood_scores.png",
+        "figures/ood_cases.png",
+        "figures/restore.png",
     }
     assert expected <= artifacts, expected - artifacts
     local = Path(client.download_artifacts(run_id, "metrics/evaluate.json"))

@@ -1,4 +1,4 @@
-"""Helpers shared by the stages: file digests, JSON output, split paths, model loading."""
+"""Helpers shared by the stages: file digests, JSON output, split paths, model and threshold loading."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from pipeline.checkpoint import MODEL_FORMAT, CheckpointError, safe_load
 from pipeline.config import ModelConfig, Params
+from pipeline.data import DataError
 from pipeline.model import EnergyNet
 
 CLASSIFIER_FORMAT = "digit-classifier/1"
@@ -44,6 +45,23 @@ def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet
     model = EnergyNet.from_config(ModelConfig(channels=tuple(cfg["channels"]), hidden=int(cfg["hidden"])))
     model.load_state_dict(blob["model"])
     return model.to(device).eval(), blob
+
+
+def read_threshold(params: Params, who: str) -> float:
+    """The in/out score threshold that ``evaluate`` stored with the model, checked to belong to the model on disk."""
+    path = Path(params.paths.threshold)
+    if not path.is_file():
+        raise DataError(f"{who}: {path} not found; run `dvc repro` (the evaluate stage writes it)")
+    try:
+        record = json.loads(path.read_text())
+        threshold, model_md5 = float(record["threshold"]), str(record["model_md5"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{who}: {path} is not a threshold file ({type(exc).__name__})") from None
+    if model_md5 != file_md5(params.paths.model):
+        raise DataError(
+            f"{who}: {path} was chosen for another model than {params.paths.model}; run `dvc repro evaluate`"
+        )
+    return threshold
 
 
 def load_classifier(path: str | Path, device: torch.device):
