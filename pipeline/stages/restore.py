@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline import data, tracking
 from pipeline.config import Params
@@ -20,12 +19,14 @@ from pipeline.evaluate import score_images
 from pipeline.figures import save_rows
 from pipeline.langevin import score_in_precision
 from pipeline.model import frozen
+from pipeline.progress import Progress
 from pipeline.restore import TASKS, damage, describe, markdown_table, restore, task_metrics
 from pipeline.runtime import named_seed, resolve_device
 from pipeline.stages.common import load_classifier, load_energy_model, split_path, write_json
 
 
-def run(params: Params, progress: bool = True) -> dict:
+def run(params: Params, progress: str | bool = True) -> dict:
+    """``progress``: bar, lines or off (pipeline/progress.py)."""
     # Reopened first: a store or run that cannot be used stops the stage before any sampling.
     tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     cfg = params.restore
@@ -38,7 +39,9 @@ def run(params: Params, progress: bool = True) -> dict:
     score_fn = score_in_precision(model, params.langevin.precision)
 
     start = time.perf_counter()
-    bar = tqdm(total=len(TASKS) * cfg.steps, desc="restore", unit="step", disable=not progress, leave=False)
+    bar = Progress(
+        "restore", len(TASKS) * cfg.steps, mode=progress, interval=params.runtime.progress_seconds, unit="step"
+    )
     metrics: dict[str, float] = {}
     rows: dict[str, torch.Tensor] = {"original": originals[: cfg.figure_columns]}
     for task in TASKS:
