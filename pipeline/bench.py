@@ -13,6 +13,7 @@ generate samples from noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 import statistics
 import sys
@@ -58,10 +59,12 @@ def forward_flops(model: EnergyNet, image_shape: tuple[int, ...] = IMAGE_SHAPE) 
     return flops
 
 
-def eager_reference_step(model, optimizer, buffer_images, real, steps, step_size, noise, grad_clip, alpha, reinit_prob):
+def eager_reference_step(
+    model, optimizer, buffer_images, real, steps, step_size, noise, grad_clip, alpha, reinit_prob, real_noise
+):
     """The CD step as a plain fp32 eager loop, the way a tutorial writes it (the baseline)."""
     n = real.shape[0]
-    real = (real + noise * torch.randn_like(real)).clamp(-1, 1)
+    real = (real + real_noise * torch.randn_like(real)).clamp(-1, 1)
     n_new = int(torch.distributions.Binomial(n, torch.tensor(reinit_prob)).sample().item())
     fresh = torch.rand(n_new, *real.shape[1:], device=real.device) * 2 - 1
     old = buffer_images[torch.randint(0, buffer_images.shape[0], (n - n_new,), device=real.device)]
@@ -71,7 +74,9 @@ def eager_reference_step(model, optimizer, buffer_images, real, steps, step_size
     for _ in range(steps):
         x = (x + noise * torch.randn_like(x)).clamp(-1, 1).requires_grad_(True)
         grad = torch.autograd.grad(model(x).sum(), x)[0]
-        x = (x + step_size * grad.clamp(-grad_clip, grad_clip)).clamp(-1, 1).detach()
+        if grad_clip > 0:  # 0 = no clip, as in the trainer
+            grad = grad.clamp(-grad_clip, grad_clip)
+        x = (x + step_size * grad).clamp(-1, 1).detach()
     for p in model.parameters():
         p.requires_grad_(True)
     scores = model(torch.cat([real, x]))
@@ -141,7 +146,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     def eager() -> None:
         eager_reference_step(
             base_model, base_opt, filled, real, lcfg.steps, lcfg.step_size, lcfg.noise, lcfg.grad_clip,
-            tcfg.alpha, bcfg.reinit_prob,
+            tcfg.alpha, bcfg.reinit_prob, tcfg.real_noise,
         )
 
     # (2) the project's trainer step
@@ -226,11 +231,12 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     return results
 
 
-SAMPLER_VARIANTS = (  # (label, SamplerScore shortcuts), each adding one to the one before
-    ("as written", {"channels_last": False, "without_autograd": False, "by_phases": False}),
-    ("+ channels-last", {"without_autograd": False, "by_phases": False}),
-    ("+ without autograd", {"by_phases": False}),
-    ("+ first layer by phases (the trainer's)", {}),
+SAMPLER_VARIANTS = (  # (label, SamplerScore shortcuts, langevin.workers or None for the configured)
+    ("as written", {"channels_last": False, "without_autograd": False, "by_phases": False}, None),
+    ("+ channels-last", {"without_autograd": False, "by_phases": False}, None),
+    ("+ without autograd", {"by_phases": False}, None),
+    ("+ first layer by phases (the trainer's)", {}, None),
+    ("the trainer's in one group of chains", {}, 1),
 )
 
 
@@ -238,9 +244,10 @@ def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, flo
     """Langevin alone (one training iteration's chains), adding the sampler's shortcuts one at a time.
 
     "as written" is the network itself under autograd (bf16: its bf16 copy, which is always
-    channels-last, so the first two coincide there).
-
-    The four variants alternate, one call at a time, ``reps`` times; medians in seconds.
+    channels-last, so the first two coincide there). The last variant runs the trainer's
+    sampler as one group of chains on torch's intra-op threads instead of one group per core
+    (``langevin.workers``). The variants alternate, one call at a time, ``reps`` times; medians
+    in seconds.
     """
     device = resolve_device(params.runtime)
     lcfg, batch = params.langevin, params.train.batch_size
@@ -248,13 +255,17 @@ def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, flo
     model = EnergyNet.from_config(params.model).to(device)
     x0 = torch.rand(batch, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     precision = resolve_precision(lcfg.precision, device)
-    scores = {label: score_in_precision(model, precision, **kw) for label, kw in SAMPLER_VARIANTS}
+    scores = {label: score_in_precision(model, precision, **kw) for label, kw, _ in SAMPLER_VARIANTS}
+    configs = {
+        label: lcfg if workers is None else dataclasses.replace(lcfg, workers=workers)
+        for label, _, workers in SAMPLER_VARIANTS
+    }
     times: dict[str, list[float]] = {label: [] for label in scores}
     with frozen(model):
         for rep in range(reps + 1):  # the first round warms up
             for label, score in scores.items():
                 generator = torch.Generator(device=device).manual_seed(rep)
-                seconds = _time(lambda: sample(score, x0, lcfg, generator=generator), 1, 0, device)
+                seconds = _time(lambda: sample(score, x0, configs[label], generator=generator), 1, 0, device)
                 if rep:
                     times[label].append(seconds)
     medians = {label: statistics.median(t) for label, t in times.items()}

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pipeline.config import ClassifierConfig
+from pipeline.progress import Progress
 
 
 class DigitClassifier(nn.Module):
@@ -46,15 +46,21 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(
-    cfg: ClassifierConfig, images: torch.Tensor, labels: torch.Tensor, device: torch.device, progress: bool = True
+    cfg: ClassifierConfig,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    progress: str | bool = True,
+    progress_seconds: float = 30.0,
 ) -> DigitClassifier:
+    """Train on ``images`` (N, 1, 32, 32) and ``labels`` (N,); ``progress``: a mode of pipeline/progress.py."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = DigitClassifier(cfg.feature_dim).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n = images.shape[0]
     steps = cfg.epochs * max(1, (n + cfg.batch_size - 1) // cfg.batch_size)
-    bar = tqdm(total=steps, desc="classifier", unit="it", disable=not progress, leave=False)
+    bar = Progress("classifier", steps, mode=progress, interval=progress_seconds)
     model.train()
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=generator)
@@ -66,8 +72,8 @@ def train_classifier(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            shown = bar.mode == "bar" or bar.due()  # the loss reaches the host only to be shown
+            bar.update(1, {"loss": loss.item()} if shown else None)
     bar.close()
     model.eval()
     return model

@@ -38,6 +38,7 @@ class PathsConfig:
     samples_dir: str = "samples"
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
+    threshold: str = "models/threshold.json"  # the in/out score threshold, chosen by evaluate
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
     flush_denormal: bool = True  # CPU: treat float32 values below 1e-38 as zero (denormals are ~10x slower)
+    progress_seconds: float = 30.0  # seconds between plain progress lines when stderr is not a terminal; 0 = every step
 
     def validate(self, section: str) -> None:
         ok = self.device in ("auto", "cpu", "cuda", "mps") or (
@@ -54,6 +56,8 @@ class RuntimeConfig:
             raise _allowed(f"{section}.device", self.device, "one of auto, cpu, cuda, cuda:N, mps")
         if self.threads < 0:
             raise _allowed(f"{section}.threads", self.threads, "an integer >= 0 (0 = torch's default)")
+        if not self.progress_seconds >= 0 or self.progress_seconds == float("inf"):
+            raise _allowed(f"{section}.progress_seconds", self.progress_seconds, "a number of seconds >= 0 (0 = every step)")
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,7 @@ class EvaluateConfig:
     n_noise: int = 1000  # uniform-noise images scored for the energy separation
     confidence: float = 0.9  # classifier confidence a sample must exceed to count as recognisable
     hist_bins: int = 50
+    accept_share: float = 0.95  # the in/out threshold accepts this share of the held-out digits
 
     def validate(self, section: str) -> None:
         if self.n_noise < 2:
@@ -227,6 +232,87 @@ class EvaluateConfig:
             raise _allowed(f"{section}.confidence", self.confidence, "a number in (0, 1)")
         if self.hist_bins < 2:
             raise _allowed(f"{section}.hist_bins", self.hist_bins, "an integer >= 2")
+        if not 0.0 < self.accept_share < 1.0:
+            raise _allowed(f"{section}.accept_share", self.accept_share, "a number in (0, 1)")
+
+
+OOD_CASES = ("uniform", "gaussian", "noisy", "flip", "rotate", "invert", "shrink", "shuffle", "blend")
+
+
+def _check_digits(key: str, digits: tuple[int, ...]) -> None:
+    if any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
+        raise _allowed(key, list(digits), "a list of distinct digits 0-9")
+
+
+@dataclass(frozen=True)
+class OodConfig:
+    seed: int = 0
+    cases: tuple[str, ...] = OOD_CASES
+    n_noise: int = 1000  # images of each noise case (uniform, gaussian); the other cases transform held-out digits
+    gaussian_mean: float = 0.0
+    gaussian_std: float = 0.5  # N(mean, std^2) per pixel, clamped to [-1, 1]
+    noisy_std: float = 0.3  # digits + N(0, std^2), clamped
+    flip_exclude: tuple[int, ...] = (0, 1, 8)  # digits whose mirror image is still that digit
+    rotate_exclude: tuple[int, ...] = (0,)  # digits that stay digits on their side
+    shrink_factor: float = 0.5  # digits scaled by this, centred on the background
+    blend_weight: float = 0.5  # w * digit + (1 - w) * a digit of another class
+    hist_bins: int = 40
+
+    def validate(self, section: str) -> None:
+        bad = [c for c in self.cases if c not in OOD_CASES]
+        if not self.cases or bad or len(set(self.cases)) != len(self.cases):
+            allowed = f"a non-empty list of distinct cases from {', '.join(OOD_CASES)}"
+            raise _allowed(f"{section}.cases", list(self.cases), allowed)
+        if self.n_noise < 1:
+            raise _allowed(f"{section}.n_noise", self.n_noise, "an integer >= 1")
+        if not -1.0 <= self.gaussian_mean <= 1.0:
+            raise _allowed(f"{section}.gaussian_mean", self.gaussian_mean, "a number in [-1, 1]")
+        for name in ("gaussian_std", "noisy_std"):
+            if getattr(self, name) <= 0:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "a number > 0")
+        _check_digits(f"{section}.flip_exclude", self.flip_exclude)
+        _check_digits(f"{section}.rotate_exclude", self.rotate_exclude)
+        if not 0.0 < self.shrink_factor < 1.0:
+            raise _allowed(f"{section}.shrink_factor", self.shrink_factor, "a number in (0, 1)")
+        if not 0.0 < self.blend_weight < 1.0:
+            raise _allowed(f"{section}.blend_weight", self.blend_weight, "a number in (0, 1)")
+        if self.hist_bins < 2:
+            raise _allowed(f"{section}.hist_bins", self.hist_bins, "an integer >= 2")
+
+
+INPAINT_REGIONS = ("top", "bottom", "left", "right", "box")
+DENOISE_KINDS = ("salt_pepper", "gaussian")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    seed: int = 0
+    n_images: int = 500  # held-out digits damaged and restored per task (at most the split's size)
+    steps: int = 200  # Langevin steps of the restoration (noise, clip, precision: the langevin section)
+    step_size: float = 10.0
+    inpaint_region: str = "bottom"  # top | bottom | left | right (a half) | box: set to uniform noise
+    inpaint_box: int = 12  # side of the centred square blanked when inpaint_region is box
+    denoise_kind: str = "salt_pepper"  # salt_pepper: a share of pixels set to -1 or 1 | gaussian: + N(0, std^2)
+    denoise_share: float = 0.3
+    denoise_std: float = 0.3
+    figure_columns: int = 10
+
+    def validate(self, section: str) -> None:
+        for name in ("n_images", "steps", "figure_columns"):
+            if getattr(self, name) < 1:
+                raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
+        if self.step_size <= 0:
+            raise _allowed(f"{section}.step_size", self.step_size, "a number > 0")
+        if self.inpaint_region not in INPAINT_REGIONS:
+            raise _allowed(f"{section}.inpaint_region", self.inpaint_region, f"one of {', '.join(INPAINT_REGIONS)}")
+        if not 1 <= self.inpaint_box <= 32:
+            raise _allowed(f"{section}.inpaint_box", self.inpaint_box, "an integer in [1, 32]")
+        if self.denoise_kind not in DENOISE_KINDS:
+            raise _allowed(f"{section}.denoise_kind", self.denoise_kind, f"one of {', '.join(DENOISE_KINDS)}")
+        if not 0.0 < self.denoise_share <= 1.0:
+            raise _allowed(f"{section}.denoise_share", self.denoise_share, "a number in (0, 1]")
+        if self.denoise_std <= 0:
+            raise _allowed(f"{section}.denoise_std", self.denoise_std, "a number > 0")
 
 
 @dataclass(frozen=True)
@@ -266,6 +352,8 @@ class Params:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ood: OodConfig = field(default_factory=OodConfig)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
 

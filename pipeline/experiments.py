@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pipeline.config import ConfigError, Params, with_overrides
 
 
@@ -96,7 +98,9 @@ def experiment_copy_paths(repo: Path, params: Params) -> list[str]:
     files): cached outputs are checked out from the DVC cache, but uncached ones that are not
     committed (yet), like the persistent checkpoints, would be missing and their stages would
     re-run (the model would be re-trained for a change in ``generate``). Copying them, and an
-    untracked dvc.lock, makes the experiment start from the workspace.
+    untracked dvc.lock, makes the experiment start from the workspace. So are the outputs
+    recorded in dvc.lock that git neither tracks nor ignores: the uncached outputs of a stage
+    whose results have not been committed yet (cached ones are git-ignored, and checked out).
     """
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True, text=True, check=False)
     tracked = set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else set()
@@ -114,8 +118,23 @@ def experiment_copy_paths(repo: Path, params: Params) -> list[str]:
                 break
     if (repo / "dvc.lock").is_file() and "dvc.lock" not in tracked:
         chosen.append("dvc.lock")
+    chosen += _uncommitted_outputs(repo)
     unique = sorted(set(chosen))
     return [p for p in unique if not any(p.startswith(q + "/") for q in unique if q != p)]
+
+
+def _uncommitted_outputs(repo: Path) -> list[str]:
+    """Files that dvc.lock records as stage outputs and that git neither tracks nor ignores."""
+    try:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text()) or {}
+        outs = {out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
+    except (OSError, yaml.YAMLError, AttributeError, KeyError, TypeError):
+        return []
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--others", "--exclude-standard"], cwd=repo, capture_output=True, text=True, check=False
+    )
+    others = set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else set()
+    return sorted(path for path in outs if path in others)
 
 
 def git(repo: Path, *args: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -21,6 +20,8 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(images: torch.Tensor, nrow: int = 10) -> np.ndarray:
     """(N, 1, H, W) in [-1, 1] -> an (H', W') array in [0, 1]."""
+    from torchvision.utils import make_grid  # here: importing torchvision takes seconds, most stages need none
+
     grid = make_grid(to_unit(images), nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
     return grid[0].numpy()
 
@@ -91,6 +92,74 @@ def save_curves(history: Sequence[dict[str, float]], path: str | Path) -> plt.Fi
     ax2.set_xlabel("step")
     ax2.set_title("mean scores")
     ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def save_ood_scores(
+    real: np.ndarray,
+    cases: dict[str, np.ndarray],
+    aucs: dict[str, float],
+    threshold: float | None,
+    path: str | Path,
+    bins: int = 40,
+) -> plt.Figure:
+    """One panel per out-of-distribution case: its score histogram over the held-out digits', with its AUC
+    and the in/out threshold. Each panel has its own score axis: noise scores far below the digits' would
+    squeeze the cases that overlap them into a few bins."""
+    cols = min(3, len(cases))
+    rows = -(-len(cases) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.6 * rows + 0.5), squeeze=False)
+    for ax, (name, scores) in zip(axes.flat, cases.items()):
+        both = np.concatenate([real, scores])
+        both = both[np.isfinite(both)]
+        lo, hi = (float(both.min()), float(both.max())) if both.size else (-1.0, 1.0)
+        edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
+        ax.hist(real, bins=edges, alpha=0.55, density=True, color="C0")
+        ax.hist(scores, bins=edges, alpha=0.55, density=True, color="C1")
+        if threshold is not None:
+            ax.axvline(threshold, color="black", lw=1, ls="--")
+        ax.set_title(f"{name}: AUC {aucs[name]:.3f}", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+        ax.set_xlabel("score s(x) = -E(x)", fontsize=7)
+    for ax in list(axes.flat)[len(cases) :]:
+        ax.axis("off")
+    note = "; dashed: the in/out threshold" if threshold is not None else ""
+    fig.suptitle(f"Scores of held-out digits (blue) and of each out-of-distribution case (orange){note}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
+def save_rows(rows: dict[str, Sequence[torch.Tensor | None]], path: str | Path, title: str) -> plt.Figure:
+    """One labelled row of images per entry ((N, 1, H, W) in [-1, 1], or a list of (1, H, W) images in which
+    None leaves a blank), e.g. examples of each OOD case, or original / damaged / restored digits.
+
+    Drawn as one image with the labels beside it: a subplot per digit would take seconds to lay out."""
+    pad = 2
+    first = next(image for images in rows.values() for image in images if image is not None)
+    h, w = first.shape[-2:]
+    cols = max(len(images) for images in rows.values())
+    # mid-grey between the images and for blanks: both black and white backgrounds stand out from it
+    canvas = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad), 0.5)
+    for i, images in enumerate(rows.values()):
+        for j, image in enumerate(images):
+            if image is not None:
+                top, left = pad + i * (h + pad), pad + j * (w + pad)
+                canvas[top : top + h, left : left + w] = to_unit(image)[0].numpy()
+    lines = title.count("\n") + 1
+    fig, ax = plt.subplots(figsize=(0.55 * cols + 1.7, 0.55 * len(rows) + 0.25 + 0.2 * lines))
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(len(rows))], list(rows), fontsize=8)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

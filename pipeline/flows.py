@@ -11,7 +11,7 @@ With overrides (``{"train.alpha": 0.2}``) the run is a DVC experiment instead:
 ``.dvc/tmp/exps``; params.yaml and the outputs in the workspace stay as they are, and the
 result is listed by ``dvc exp show`` (``dvc exp apply <name>`` brings it into the workspace).
 
-The last stage, ``register``, puts the model through the registry's FID gate, so the nightly
+The stage ``register`` (after ``evaluate``) puts the model through the registry's FID gate, so the nightly
 deployment is a continuous-training loop: the flow's markdown artifact opens with whether the
 night's model was promoted to ``champion`` (what ``make serve-model`` serves), and why.
 
@@ -21,6 +21,7 @@ No ML here: the stages are ``python -m pipeline <stage>`` commands run by DVC.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -47,7 +48,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from pipeline.__main__ import STAGES  # noqa: E402
+from pipeline.stages import STAGES  # noqa: E402
 from pipeline.config import ConfigError, Params, load_params  # noqa: E402
 from pipeline.experiments import (  # noqa: E402
     check_overrides,
@@ -127,23 +128,33 @@ def run_command(args: list[str], cwd: str | Path, on_line: Callable[[str], None]
         threading.Thread(target=pump, args=(stream, is_err), daemon=True).start()
     result = CommandResult(returncode=-1)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    open_streams = 2
+
+    def take(timeout: float | None = None) -> None:
+        nonlocal open_streams
+        item = lines.get(timeout=timeout)
+        if item is None:
+            open_streams -= 1
+            return
+        is_err, line = item
+        result.lines.append(line)
+        if is_err and line.strip():
+            tail.append(line)
+        if on_line is not None and line.strip():
+            on_line(line)
+
     try:
-        open_streams = 2
         while open_streams:
-            item = lines.get()
-            if item is None:
-                open_streams -= 1
-                continue
-            is_err, line = item
-            result.lines.append(line)
-            if is_err and line.strip():
-                tail.append(line)
-            if on_line is not None and line.strip():
-                on_line(line)
+            take()
         result.returncode = proc.wait()
     finally:
         if proc.poll() is None:
             _stop(proc, posix)
+            # What the command said while stopping (a training stage: "checkpoint saved") still reaches the log.
+            deadline = time.monotonic() + INTERRUPT_GRACE_S
+            with contextlib.suppress(Exception):  # queue.Empty, or a logger gone: the interrupt is what matters
+                while open_streams and time.monotonic() < deadline:
+                    take(timeout=max(0.0, deadline - time.monotonic()))
     result.stderr_tail = list(tail)
     return result
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.buffer import uniform_noise
 from pipeline.config import GenerateConfig, LangevinConfig
 from pipeline.langevin import sample, score_in_precision
 from pipeline.model import IMAGE_SHAPE, frozen
+from pipeline.progress import Progress
 
 
 def generate_samples(
@@ -18,21 +18,22 @@ def generate_samples(
     cfg: GenerateConfig,
     langevin_cfg: LangevinConfig,
     device: torch.device,
-    progress: bool = True,
+    progress: str | bool = True,
+    progress_seconds: float = 30.0,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """``cfg.n_samples`` images (CPU, (N, 1, 32, 32) in [-1, 1]) and the chain snapshots.
 
     Every chain starts from uniform noise and runs ``cfg.steps`` steps of step size
     ``cfg.step_size`` with the noise, gradient clip and precision of the ``langevin`` section.
     The snapshots hold the first ``cfg.chain_rows`` chains at ``cfg.chain_steps`` (0-based,
-    after that step).
+    after that step). ``progress`` is a mode of pipeline/progress.py (bar, lines, off; True: bar).
     """
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampler_cfg = dataclasses.replace(langevin_cfg, step_size=cfg.step_size)
     score_fn = score_in_precision(model, langevin_cfg.precision)
     model.eval()
     batches = [(i, min(cfg.batch_size, cfg.n_samples - i)) for i in range(0, cfg.n_samples, cfg.batch_size)]
-    bar = tqdm(total=len(batches) * cfg.steps, desc="generate", unit="step", disable=not progress, leave=False)
+    bar = Progress("generate", len(batches) * cfg.steps, mode=progress, interval=progress_seconds, unit="step")
     out, snapshots = [], {}
     with frozen(model):
         for start, n in batches:

@@ -32,6 +32,7 @@ def langevin(
     clamp: tuple[float, float] | None = (-1.0, 1.0),
     progress: Callable[[int], None] | None = None,
     workers: int = 1,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run ``steps`` Langevin steps from ``x0``; return the final images and the recorded ones.
 
@@ -41,6 +42,11 @@ def langevin(
     index 0 is the image after the first step, index steps-1 the final one, as in the book.
     ``clamp=None`` leaves the support unbounded (for analytic tests on unbounded targets).
 
+    ``mask`` (bool, broadcastable to ``x0``; True = free) samples conditionally: only the free
+    pixels move, and the others are put back to their values in ``x0`` after the noise and after
+    the step, so they come out bit for bit as given (inpainting, restoration). The gradient is
+    still that of the whole image, known pixels included: they condition the free ones.
+
     ``workers > 1`` (CPU only) splits the chains, which are independent, into that many
     contiguous groups run side by side on threads, one core each. This network's operations
     are too small to keep two cores busy inside one operation, so chain parallelism is faster
@@ -48,11 +54,16 @@ def langevin(
     from ``generator``, so the result is deterministic whatever the thread scheduling.
     """
     kwargs = dict(steps=steps, step_size=step_size, noise=noise, grad_clip=grad_clip, clamp=clamp)
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"langevin: mask must be a bool tensor (True = free pixel), got {mask.dtype}")
+        mask = mask.to(x0.device).expand(x0.shape)  # a view: each group of chains takes its rows
     groups = min(workers, x0.shape[0])
     if groups <= 1 or x0.device.type != "cpu":
-        return _chains(score_fn, x0, generator=generator, record_at=record_at, progress=progress, **kwargs)
+        return _chains(score_fn, x0, generator=generator, record_at=record_at, progress=progress, mask=mask, **kwargs)
     seeds = torch.randint(0, 2**62, (groups,), generator=generator).tolist()
     parts = torch.tensor_split(x0, groups)
+    masks = torch.tensor_split(mask, groups) if mask is not None else (None,) * groups
     intra_op = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -64,9 +75,10 @@ def langevin(
                 generator=torch.Generator().manual_seed(seed),
                 record_at=record_at,
                 progress=progress if i == 0 else None,
+                mask=part_mask,
                 **kwargs,
             )
-            for i, (part, seed) in enumerate(zip(parts, seeds))
+            for i, (part, part_mask, seed) in enumerate(zip(parts, masks, seeds))
         ]
         results = [f.result() for f in futures]
     finally:
@@ -85,6 +97,7 @@ def sample(
     generator: torch.Generator | None = None,
     record_at: Iterable[int] = (),
     progress: Callable[[int], None] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """``langevin`` with the step size, noise, clip and workers of a ``langevin`` params section."""
     return langevin(
@@ -98,6 +111,7 @@ def sample(
         record_at=record_at,
         progress=progress,
         workers=chain_workers(cfg.workers, x0.device),
+        mask=mask,
     )
 
 
@@ -127,17 +141,21 @@ def _chains(
     record_at: Iterable[int],
     clamp: tuple[float, float] | None,
     progress: Callable[[int], None] | None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     record = set(record_at)
     snapshots: dict[int, torch.Tensor] = {}
     input_grad = getattr(score_fn, "input_grad", None)  # d sum(score) / dx without autograd, when offered
     x = x0.detach().clone()
+    known = x0.detach() if mask is not None else None
     lo, hi = clamp if clamp is not None else (None, None)
     for step in range(steps):
         if noise > 0:
             x.add_(torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), alpha=noise)
         if clamp is not None:
             x.clamp_(lo, hi)
+        if mask is not None:
+            x = torch.where(mask, x, known)
         if input_grad is not None:
             grad = input_grad(x)
         else:
@@ -150,6 +168,8 @@ def _chains(
         x.add_(grad.to(x.dtype), alpha=step_size)
         if clamp is not None:
             x.clamp_(lo, hi)
+        if mask is not None:
+            x = torch.where(mask, x, known)
         if step in record:
             snapshots[step] = x.detach().cpu().clone()
         if progress is not None:

@@ -12,18 +12,30 @@ import torch
 from pipeline.config import RuntimeConfig
 
 
+class DeviceError(RuntimeError):
+    """The configured device is not present on this machine, worded as one line (exit code 2, as a bad param)."""
+
+
 def resolve_device(cfg: RuntimeConfig) -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; an explicit device must exist."""
+    """``auto`` picks CUDA when available, else CPU; an explicit device must exist (else ``DeviceError``)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(cfg.flush_denormal)  # a no-op (returns False) where unsupported
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"runtime.device={cfg.device} but CUDA is not available; use auto or cpu")
+    fix = "set runtime.device: auto (or cpu)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"runtime: runtime.device={cfg.device} but this machine has no usable CUDA device; {fix}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise DeviceError(
+                f"runtime: runtime.device={cfg.device} but this machine has {count} CUDA device(s) "
+                f"(cuda:0 to cuda:{count - 1}); choose one of those, or set runtime.device: auto"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"runtime.device={cfg.device} but MPS is not available; use auto or cpu")
+        raise DeviceError(f"runtime: runtime.device={cfg.device} but MPS (Apple GPU) is not available here; {fix}")
     return device
 
 
@@ -93,3 +105,11 @@ def hardware(device: torch.device) -> dict[str, str]:
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": str(bf16_is_native(device)).lower(),
     }
+
+
+def named_seed(seed: int, name: str) -> int:
+    """A seed derived from ``seed`` and a name, so each named stream (an OOD case, a restoration task)
+    draws the same numbers whichever other streams exist and in whatever order they run."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1

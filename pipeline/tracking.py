@@ -611,7 +611,11 @@ def read_run_info(path: str | Path) -> str | None:
     path = Path(path)
     if not path.is_file():
         return None
-    return json.loads(path.read_text()).get("run_id")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrackingError(f"tracking: {path} is not a run-info file ({_one_line(exc)}); run the train stage again") from None
+    return info.get("run_id") if isinstance(info, dict) else None
 
 
 # ------------------------------------------------------------------ model registry

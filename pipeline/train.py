@@ -24,18 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from pipeline.buffer import ReplayBuffer
 from pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_save, rng_state, safe_load, set_rng_state
 from pipeline.config import LangevinConfig, Params, TrainConfig
+from pipeline.data import DataError
 from pipeline.distributed import SINGLE, Dist
 from pipeline.langevin import sample, score_in_precision
 from pipeline.losses import contrastive_divergence
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
+from pipeline.progress import Progress
 from pipeline.runtime import resolve_precision
 
 LOGGED = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
+SHOWN = (("loss", "loss"), ("real_score", "real score"), ("fake_score", "fake score"))  # in progress lines
 
 
 class TrainingDiverged(RuntimeError):
@@ -49,6 +51,17 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"train: stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}")
         self.signum = signum
 
+
+def steps_per_epoch(n_images: int, world_size: int, batch_size: int) -> int:
+    """Full batches per epoch and process; a ``DataError`` (one line) if there is not even one."""
+    steps = (n_images // world_size) // batch_size
+    if steps < 1:
+        raise DataError(
+            f"train: {n_images} training images over {world_size} process(es) are fewer than one batch "
+            f"(train.batch_size={batch_size}) per process; lower train.batch_size or use more data "
+            f"(data.limit, data.source)"
+        )
+    return steps
 
 
 def cd_step(
@@ -113,6 +126,7 @@ def fingerprint(params: Params, data_digest: str) -> str:
         s: dataclasses.asdict(getattr(params, s)) for s in ("data", "model", "langevin", "buffer", "train", "runtime")
     }
     relevant["runtime"].pop("device")
+    relevant["runtime"].pop("progress_seconds")  # how often progress is shown changes no result
     relevant["langevin"].pop("precision")
     relevant["data_digest"] = data_digest
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
@@ -130,23 +144,18 @@ class Trainer:
         device: torch.device,
         tracker: Any,
         checkpoint_path: str | Path,
-        progress: bool = True,
+        progress: str | bool = True,
         step_fn: Callable[..., dict[str, torch.Tensor]] = cd_step,
         dist: Dist = SINGLE,
     ) -> None:
         self.params, self.cfg = params, params.train
         self.device, self.tracker = device, tracker
-        self.progress = progress
+        self.progress = progress  # a mode of pipeline/progress.py: bar, lines or off (True: bar)
         self.step_fn = step_fn
         self.dist = dist
         self.checkpoint_path = Path(checkpoint_path)
         self.images = images.to(device)  # (N, 1, 32, 32)
-        self.steps_per_epoch = (self.images.shape[0] // dist.world_size) // self.cfg.batch_size  # per rank
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"train: {self.images.shape[0]} training images over {dist.world_size} process(es) "
-                f"are fewer than one batch ({self.cfg.batch_size}) per process"
-            )
+        self.steps_per_epoch = steps_per_epoch(self.images.shape[0], dist.world_size, self.cfg.batch_size)  # per rank
         self.total_steps = self.cfg.epochs * self.steps_per_epoch
         self.fingerprint = fingerprint(params, tensor_digest(images))
         dist.check_same(self.fingerprint, "params or training data")
@@ -171,6 +180,10 @@ class Trainer:
             self.ema.load_state_dict(self.model.state_dict())
             self.ema.requires_grad_(False)
         self._signal: int | None = None
+        # Checking the statistics needs a host sync: free on the CPU, so every step there; elsewhere
+        # (a GPU) only at log and checkpoint steps, so the device never waits for the host in between.
+        self.check_every_step = device.type == "cpu"
+        self._bar: Progress | None = None
 
     def lr_at(self, step: int) -> float:
         """The learning rate of ``step`` (0-based): the schedule times the rollback factor."""
@@ -331,7 +344,10 @@ class Trainer:
             f"lr now {self.lr_at(self.step):.3g} (rollback {self.rollbacks}/{self.cfg.max_rollbacks})"
         )
         if self.dist.is_main:
-            tqdm.write(message, file=sys.stderr)
+            if self._bar is not None:
+                self._bar.write(message)
+            else:
+                print(message, file=sys.stderr)
         self.tracker.log_metrics({"rollback": float(self.rollbacks), "lr": self.lr_at(self.step)}, step=step)
         self.tracker.set_tags({f"rollback.{self.rollbacks}": message})
         self.save_checkpoint()  # the lowered lr and the rollback count survive a later kill
@@ -342,9 +358,11 @@ class Trainer:
             self.save_checkpoint()  # a rollback target exists from the first step on
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         start = time.perf_counter()
-        bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="train", unit="it", disable=not self.progress, leave=False
+        bar = self._bar = Progress(
+            "train", self.total_steps, mode=self.progress, interval=self.params.runtime.progress_seconds,
+            initial=self.step,
         )
+        shown: dict[str, float] = {}  # the latest statistics the host has seen, for the progress display
         try:
             while self.step < self.total_steps:
                 step = self.step
@@ -364,27 +382,28 @@ class Trainer:
                 is_log = done % self.cfg.log_every == 0 or done == self.total_steps
                 is_ckpt = done % self.cfg.checkpoint_every == 0 or done == self.total_steps
                 stop = self._signal is not None
-                # Checking needs a host sync: every step on CPU (free), at log/checkpoint steps on GPU.
-                if is_log or is_ckpt or self.device.type == "cpu":
+                if is_log or is_ckpt or self.check_every_step:
                     values = {k: float(v) for k, v in stats.items()}
                     # Distributed: means over ranks, and a stop if any rank was signalled, so all decide alike.
                     values, stop = self.dist.reduce_stats(values, step=done, stop=stop)
                     if not all(math.isfinite(v) for v in values.values()) or values["max_abs_score"] > self.cfg.max_score:
                         self._rollback(step, values)
-                        bar.n = self.step
-                        bar.refresh()
+                        bar.moveto(self.step)
                         continue
-                elif self.dist.enabled:
-                    stop = False  # ranks act on a signal only where they have agreed on it
+                    shown = {label: values[key] for key, label in SHOWN if key in values}
+                else:
+                    if self.dist.enabled:
+                        stop = False  # ranks act on a signal only where they have agreed on it
+                    if bar.due():  # a progress line now: this process's latest statistics (one host sync)
+                        shown = {label: float(stats[key]) for key, label in SHOWN if key in stats}
                 self.update_ema(step)
                 self.step = done
-                bar.update(1)
+                bar.update(1, shown)
                 if is_log:
                     row = {"step": done, **{k: values[k] for k in LOGGED if k in values}, "lr": self.lr_at(step)}
                     row["buffer_fill"] = float(len(self.buffer))
                     self.history.append(row)
                     self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=done)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", real=f"{row['real_score']:.3f}", fake=f"{row['fake_score']:.3f}")
                     if on_log is not None:
                         on_log(done, self)
                 if is_ckpt:
@@ -394,6 +413,7 @@ class Trainer:
                     raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, self.checkpoint_path)
         finally:
             bar.close()
+            self._bar = None
             for s, h in old_handlers.items():
                 signal.signal(s, h)
         return TrainResult(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,13 +29,15 @@ TINY = {
     "train": {
         "epochs": 2,
         "batch_size": 16,
-        "log_every": 1,
-        "sample_every": 4,
+        "log_every": 3,  # > 1 and not a divisor of the 8 steps: the last step is logged on its own
+        "sample_every": 6,
         "checkpoint_every": 2,
     },
     "classifier": {"epochs": 1, "batch_size": 32, "feature_dim": 16},
     "generate": {"n_samples": 24, "steps": 6, "batch_size": 12, "chain_rows": 3, "chain_steps": [0, 1, 5]},
     "evaluate": {"n_noise": 24, "hist_bins": 10},
+    "ood": {"n_noise": 24, "hist_bins": 10},
+    "restore": {"n_images": 8, "steps": 3, "figure_columns": 4},
 }
 
 
@@ -49,9 +55,42 @@ def write_params(path: Path, overrides: dict | None = None) -> Path:
     return path
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def empty_mlflow_store(path: Path) -> Path:
+    """An empty MLflow SQLite store at ``path``, copied from one made once per test session.
+
+    A new store runs MLflow's schema migrations, seconds of work that every test with a private
+    store would repeat; the copy takes milliseconds. The Default experiment's artifact folder is
+    pointed beside the copy. Tests of the store's own creation (the first opening under
+    concurrency, a store that must not be created) start without one instead.
+    """
+    if not _STORE_TEMPLATE:
+        from mlflow.tracking import MlflowClient
+
+        folder = Path(tempfile.mkdtemp(prefix="mlflow-store-template-"))
+        atexit.register(shutil.rmtree, folder, True)
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments(max_results=1)
+        _STORE_TEMPLATE.append(folder / "mlflow.db")
+    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   [str(path.parent / "mlruns" / "0")])
+    return path
+
+
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
     """A private SQLite MLflow store for one test."""
+    uri = f"sqlite:///{empty_mlflow_store(tmp_path / 'mlflow.db')}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def new_mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A private MLflow store that does not exist yet: the pipeline creates it (or must not)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
@@ -93,8 +132,11 @@ def copy_prepared(src: Path, dest: Path, overrides: dict | None = None) -> Path:
 GIT = ["git", "-c", "user.email=tests@example.com", "-c", "user.name=tests"]
 
 
-def make_repo(dest: Path, overrides: dict | None = None) -> Path:
-    """A fresh git + DVC repository at ``dest`` holding the project's tracked files and a tiny params.yaml."""
+def make_repo(dest: Path, overrides: dict | None = None, store: bool = True) -> Path:
+    """A fresh git + DVC repository at ``dest`` holding the project's tracked files and a tiny params.yaml.
+
+    ``store``: with an empty default MLflow store (``mlflow.db``, git-ignored) already in place.
+    """
     for rel in tracked_files():
         src = ROOT / rel
         if src.is_file():
@@ -107,6 +149,8 @@ def make_repo(dest: Path, overrides: dict | None = None) -> Path:
     run(["git", "config", "user.name", "tests"], dest)
     run([*GIT, "add", "-A"], dest)
     run([*GIT, "commit", "-qm", "tiny"], dest)
+    if store:
+        empty_mlflow_store(dest / "mlflow.db")
     return dest
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import tiny_params_dict
@@ -27,7 +28,7 @@ def test_bench_prints_every_line(tmp_path):
     from pipeline.bench import SAMPLER_VARIANTS
 
     cells = ablation[0].split(": ", 1)[1].split(" | ")
-    assert [cell.rsplit(" ", 2)[0] for cell in cells] == [label for label, _ in SAMPLER_VARIANTS], ablation[0]
+    assert [cell.rsplit(" ", 2)[0] for cell in cells] == [variant[0] for variant in SAMPLER_VARIANTS], ablation[0]
     speedup = [line for line in out.splitlines() if line.startswith("speedup: ")]
     assert len(speedup) == 1 and speedup[0].endswith("x") and float(speedup[0][9:-1]) > 0
 
@@ -41,3 +42,92 @@ def test_bench_rejects_a_bad_value_in_one_line(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["params: langevin.step_size=-1.0 is invalid: a number > 0"]
+
+
+def _conv_flops(c_in: int, c_out: int, kernel: int, out_size: int) -> int:
+    """2 x multiply-adds of a convolution: every output value sums c_in x kernel^2 products."""
+    return 2 * c_out * out_size * out_size * c_in * kernel * kernel
+
+
+def test_forward_flops_matches_a_hand_count():
+    from pipeline.bench import forward_flops
+    from pipeline.model import EnergyNet
+
+    book = (
+        _conv_flops(1, 16, 5, 16)  # 32 -> 16
+        + _conv_flops(16, 32, 3, 8)
+        + _conv_flops(32, 64, 3, 4)
+        + _conv_flops(64, 64, 3, 2)
+        + 2 * 256 * 64  # flatten (64 x 2 x 2) -> hidden
+        + 2 * 64 * 1
+    )
+    assert book == 1_712_256
+    assert forward_flops(EnergyNet()) == book
+    other = _conv_flops(1, 8, 5, 16) + _conv_flops(8, 8, 3, 8) + _conv_flops(8, 16, 3, 4) + _conv_flops(16, 4, 3, 2)
+    other += 2 * 16 * 10 + 2 * 10 * 1
+    assert forward_flops(EnergyNet(channels=(8, 8, 16, 4), hidden=10)) == other
+
+
+@pytest.mark.parametrize("sampler", ["the network", "the fp32 sampler copy"])
+def test_eager_reference_step_makes_the_same_update_as_cd_step(sampler):
+    """The benchmark's baseline does the trainer's work: the same samples, gradient and weights from one state.
+
+    Both are made deterministic: no Langevin or real-image noise, no fresh noise in the buffer draw,
+    and a buffer of copies of one image, so any draw starts every chain from the same image. A small
+    gradient clip makes the clip act on part of the pixels. The trainer's sampler is the network
+    itself or, as in the benchmark, its fp32 copy (channels-last, first layer by phases), which sums
+    the same products in another order.
+    """
+    import torch
+
+    from pipeline.bench import eager_reference_step
+    from pipeline.buffer import ReplayBuffer
+    from pipeline.config import parse_params
+    from pipeline.langevin import score_in_precision
+    from pipeline.model import IMAGE_SHAPE, EnergyNet
+    from pipeline.train import cd_step
+
+    params = parse_params(tiny_params_dict({
+        "langevin": {"steps": 5, "noise": 0.0, "grad_clip": 5e-5, "precision": "fp32"},
+        "train": {"real_noise": 0.0, "alpha": 0.3},
+        "buffer": {"reinit_prob": 0.0},
+    }))
+    lcfg, tcfg, n = params.langevin, params.train, params.train.batch_size
+    torch.manual_seed(0)
+    start = EnergyNet.from_config(params.model)
+    g = torch.Generator().manual_seed(1)
+    real = torch.rand(n, *IMAGE_SHAPE, generator=g) * 2 - 1
+    start_image = torch.rand(1, *IMAGE_SHAPE, generator=g) * 2 - 1
+    stored = start_image.expand(params.buffer.size, *IMAGE_SHAPE).clone()
+
+    def fresh():
+        model = EnergyNet.from_config(params.model)
+        model.load_state_dict(start.state_dict())
+        return model, torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+
+    eager, eager_opt = fresh()
+    eager_fake = eager_reference_step(
+        eager, eager_opt, stored, real.clone(), lcfg.steps, lcfg.step_size, lcfg.noise, lcfg.grad_clip, tcfg.alpha,
+        params.buffer.reinit_prob, tcfg.real_noise,
+    )
+    mine, mine_opt = fresh()
+    buffer = ReplayBuffer(params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob)
+    buffer.push(stored)
+    score_fn = score_in_precision(mine, "fp32") if sampler == "the fp32 sampler copy" else None
+    cd_step(mine, mine_opt, buffer, real.clone(), langevin_cfg=lcfg, train_cfg=tcfg,
+            generator=torch.Generator().manual_seed(2), score_fn=score_fn)
+    mine_fake = buffer.storage[buffer.ptr - n : buffer.ptr]  # the samples cd_step pushed
+
+    moved = (eager_fake - start_image).abs()
+    clipped = (moved - lcfg.steps * lcfg.step_size * lcfg.grad_clip).abs() < 1e-7
+    assert moved.max() > 0 and clipped.any() and not clipped.all()  # the chains moved, the clip acted on some pixels
+    assert torch.allclose(mine_fake, eager_fake, rtol=0, atol=1e-6)
+    for (name, p_eager), p_mine in zip(eager.named_parameters(), mine.parameters()):
+        state_eager, state_mine = eager_opt.state[p_eager], mine_opt.state[p_mine]
+        grad_eager = state_eager["exp_avg"]  # (1 - beta1) x the gradient, after one step
+        assert grad_eager.abs().max() > 0, name
+        # the same gradient, up to fp32 sums in another order
+        assert (state_mine["exp_avg"] - grad_eager).abs().max() <= 1e-4 * grad_eager.abs().max(), name
+        # Adam's first step is about lr x sign(gradient): the same weights, to a small part of lr
+        assert (p_mine - p_eager).abs().max() <= 0.05 * tcfg.lr, name
+        assert (p_eager - start.state_dict()[name]).abs().max() > 0.5 * tcfg.lr, name

@@ -9,11 +9,21 @@ from tests.conftest import run
 pytestmark = pytest.mark.slow
 
 
-def test_two_queued_experiments_share_one_sqlite_store(repo_copy, mlflow_uri):
+def queue_logs(repo, names) -> str:
+    """What each queued experiment printed (``dvc queue logs <name>``), for a failure message."""
+    out = []
+    for name in names:
+        log = run(["dvc", "queue", "logs", name], repo, check=False)
+        out.append(f"\n--- dvc queue logs {name}:\n{log.stdout[-3000:]}{log.stderr[-1000:]}")
+    return "".join(out)
+
+
+def test_two_queued_experiments_share_one_sqlite_store(repo_copy, new_mlflow_uri):
     import mlflow
 
-    for alpha in ("0.2", "0.3"):
-        run(["dvc", "exp", "run", "--queue", "-S", f"train.alpha={alpha}"], repo_copy)
+    names = {"0.2": "alpha-02", "0.3": "alpha-03"}
+    for alpha, name in names.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.alpha={alpha}"], repo_copy)
     run(["dvc", "queue", "start", "-j", "2"], repo_copy)
     deadline = time.time() + 420
     while True:
@@ -22,9 +32,9 @@ def test_two_queued_experiments_share_one_sqlite_store(repo_copy, mlflow_uri):
             break
         assert time.time() < deadline, status
         time.sleep(3)
-    assert status.count("Success") == 2, status + run(["dvc", "queue", "logs", "--help"], repo_copy).stdout
+    assert status.count("Success") == 2, status + queue_logs(repo_copy, names.values())
 
-    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_tracking_uri(new_mlflow_uri)
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 2, runs
     assert sorted(runs["params.train.alpha"]) == ["0.2", "0.3"]

@@ -17,6 +17,10 @@ def test_repository_params_load_and_flatten():
     assert flat["buffer.size"] == 8192 and flat["buffer.reinit_prob"] == 0.05
     assert flat["langevin.steps"] == 60 and flat["langevin.noise"] == 0.005 and flat["langevin.grad_clip"] == 0.03
     assert flat["train.batch_size"] == 128 and flat["train.lr"] == 1e-4
+    # the values the README's results depend on, beyond the book's
+    assert flat["train.ema_decay"] == 0.999 and flat["generate.step_size"] == 25.0
+    assert flat["langevin.precision"] == "auto"
+    assert flat["runtime.device"] == "auto" and flat["runtime.progress_seconds"] == 30.0
     assert isinstance(params, Params)
 
 
@@ -45,9 +49,18 @@ BAD = [
     ("train", "alhpa", 0.1, "train.alhpa"),
     ("data", "source", "cifar", "data.source"),
     ("runtime", "device", "tpu", "runtime.device"),
+    ("runtime", "progress_seconds", -1, "runtime.progress_seconds"),
+    ("runtime", "progress_seconds", float("inf"), "runtime.progress_seconds"),
     ("generate", "chain_steps", [0, 10_000], "generate.chain_steps"),
     ("generate", "step_size", 0.0, "generate.step_size"),
     ("tracking", "enabled", "yes", "tracking.enabled"),
+    ("evaluate", "accept_share", 1.0, "evaluate.accept_share"),
+    ("ood", "cases", ["flip", "mirror"], "ood.cases"),
+    ("ood", "flip_exclude", [1, 10], "ood.flip_exclude"),
+    ("ood", "shrink_factor", 1.5, "ood.shrink_factor"),
+    ("restore", "inpaint_region", "middle", "restore.inpaint_region"),
+    ("restore", "denoise_kind", "blur", "restore.denoise_kind"),
+    ("restore", "denoise_share", 0.0, "restore.denoise_share"),
 ]
 
 

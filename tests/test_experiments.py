@@ -53,3 +53,25 @@ def test_experiment_results_reads_every_metrics_file_of_the_experiment_commit(tm
     }
     assert json_at(repo, exp, f"{d}/missing.json") == {}
     assert experiment_results(repo, params, "exp-b") == ({}, None, None)
+
+
+def test_outputs_git_does_not_hold_yet_are_copied_into_the_experiment(tmp_path):
+    """A new stage's uncached outputs, not committed yet, travel into `dvc exp run --temp`'s copy (else the
+    stage would re-run there); committed and git-ignored (cached) outputs do not need to."""
+    from pipeline.experiments import experiment_copy_paths
+
+    repo = tmp_path / "repo"
+    (repo / "metrics").mkdir(parents=True)
+    params = load_params(write_params(repo / "params.yaml"))
+    (repo / ".gitignore").write_text("/cached.bin\n")
+    for name in ("metrics/old.json", "metrics/new.json", "metrics/new.md", "cached.bin", "notes.txt"):
+        (repo / name).write_text("x")
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".gitignore", "params.yaml", "metrics/old.json")
+    _git(repo, "commit", "-qm", "baseline")
+    lock = {"stages": {"s": {"outs": [{"path": p} for p in ("metrics/old.json", "metrics/new.json", "metrics/new.md",
+                                                            "cached.bin", "metrics/gone.json")]}}}
+    (repo / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    copied = experiment_copy_paths(repo, params)
+    assert {"metrics/new.json", "metrics/new.md", "dvc.lock"} <= set(copied)
+    assert not {"metrics/old.json", "cached.bin", "notes.txt", "metrics/gone.json"} & set(copied)

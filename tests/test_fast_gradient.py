@@ -97,17 +97,87 @@ def test_chain_gradient_is_autograds_bit_for_bit(precision):
             assert torch.equal(a, b)
 
 
-def test_bf16_polyphase_gradient_is_close_to_the_plain_bf16_copy():
+UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp32": 2.0**-24}
+
+
+def _gamma(n: int, u: float) -> float:
+    """Higham's gamma_n = n u / (1 - n u): the relative error bound of a sum of n + 1 terms in precision u."""
+    return n * u / (1 - n * u)
+
+
+def _first_layer_sums(plain, x: torch.Tensor, weight_change=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The exact input gradient of ``plain``'s first layer, and the sum of its terms' magnitudes, per pixel.
+
+    Both from the copy's own (rounded) weights and the gradient reaching that layer, in float64, so
+    they are what any order of summation approximates. Also the most terms one pixel's sum has.
+    ``weight_change`` edits the float64 weights first (to show what a wrong tap does).
+    """
+    first = plain.shadow.features[0]
+    seen = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        seen["out"] = output
+
+    hook = first.register_forward_hook(keep)
+    image = plain._cast(x).requires_grad_(True)
+    plain.shadow(image).float().sum().backward()
+    hook.remove()
+    grad_out = seen["out"].grad.double()  # (B, 16, 16, 16): the same tensor on both paths
+    weight = first.weight.double()
+    if weight_change is not None:
+        weight = weight_change(weight.clone())
+    exact = torch.nn.grad.conv2d_input(image.shape, weight, grad_out, stride=2, padding=2)
+    magnitude = torch.nn.grad.conv2d_input(image.shape, weight.abs(), grad_out.abs(), stride=2, padding=2)
+    k = first.kernel_size[0]
+    terms = first.out_channels * ((k + 1) // 2) ** 2  # taps reaching one pixel at stride 2, times channels
+    return exact, magnitude, terms
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_polyphase_gradient_differs_from_the_plain_copy_only_by_the_order_of_its_sums(precision):
+    """The phases and autograd of the same copy without them sum the same products in another order.
+
+    Only the first layer's input gradient differs between the two paths (the layers above are the
+    same kernels on the same tensors), and it is a sum of ``terms`` products per pixel of the
+    copy's own weights and the gradient reaching the layer. With E the exact sum and M the sum of
+    its terms' magnitudes, in precision u (u32 = 2^-24):
+
+    - the phases are one convolution: an fp32 sum (error <= gamma_terms(u32) M), in bf16 then
+      rounded once to the output, <= u |E| more;
+    - autograd's input gradient is that too where oneDNN runs it; PyTorch's im2col path (bf16 on
+      CPUs without native bf16) rounds each tap's column, an fp32 sum over the channels, to bf16
+      (<= u M in all) and adds the at most 9 columns in bf16 (<= gamma_8(u) (1 + u) M).
+
+    The difference is at most the sum of the two bounds. A misplaced tap or phase moves a pixel by
+    one tap's share of M, far beyond it.
+    """
     model = _net()
-    score = score_in_precision(model, "bf16")
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # weights moved by an optimizer step
-    score.sync()
+    score = score_in_precision(model, precision)
+    plain = score_in_precision(model, precision, by_phases=False)
+    assert len(score.polyphase) == 1 and plain.polyphase == []  # the two paths do differ in the first layer
     x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    ref = _autograd_grad(lambda images: model(images.to(torch.bfloat16).float()), x)  # fp32 network
-    mine = score.input_grad(x)
-    assert (mine - ref).abs().max() < 0.05 * ref.abs().max()
+    with frozen(model):
+        mine = score.input_grad(x).double()
+        ref = _autograd_grad(plain, x).double()
+        exact, magnitude, terms = _first_layer_sums(plain, x)
+    u, u32 = UNIT_ROUNDOFF[precision], UNIT_ROUNDOFF["fp32"]
+    sums = _gamma(terms, u32) * magnitude  # an fp32 sum of the products, in any order
+    rounding = u * exact.abs() if precision == "bf16" else 0.0
+    assert ((mine - exact).abs() <= rounding + sums).all()  # the phases: one rounding of an fp32 sum
+    ref_bound = sums + (u * magnitude + _gamma(8, u) * (1 + u) * magnitude if precision == "bf16" else 0.0)
+    assert ((mine - ref).abs() <= rounding + sums + ref_bound).all()
+
+    def drop_corner_tap(weight):
+        weight[..., 0, 0] = 0
+        return weight
+
+    with frozen(model):  # and the first bound is tight enough to see one tap of 25 left out
+        wrong, _, _ = _first_layer_sums(plain, x, drop_corner_tap)
+    assert ((wrong - exact).abs() > rounding + sums).any()
 
 
 def test_networks_outside_the_known_layers_use_autograd():
@@ -154,6 +224,10 @@ def test_shortcuts_can_be_switched_off_for_the_benchmark():
     x = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
     with frozen(model):
         assert torch.equal(plain(x), fast(x))  # the same forward
-        ref = _autograd_grad(plain, x)
-        assert ref.abs().max() > 0
-        assert (fast.input_grad(x) - ref).abs().max() <= 0.05 * ref.abs().max()  # bf16, sums in another order
+        ref = _autograd_grad(plain, x).double()
+        exact, magnitude, terms = _first_layer_sums(plain, x)
+    assert ref.abs().max() > 0
+    # bf16, the same products summed in another order: the bound of the test above
+    u, sums = UNIT_ROUNDOFF["bf16"], _gamma(terms, UNIT_ROUNDOFF["fp32"]) * magnitude
+    bound = u * exact.abs() + 2 * sums + u * magnitude + _gamma(8, u) * (1 + u) * magnitude
+    assert ((fast.input_grad(x).double() - ref).abs() <= bound).all()

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.__main__ import STAGES
 from pipeline.config import ConfigError, load_params
+from pipeline.stages import STAGES
 from tests.conftest import ROOT, run, write_params
 
 FAKE_STAGE = """\
@@ -54,7 +55,7 @@ def prefect_server():
 
 @pytest.fixture
 def fake_repo(tmp_path, monkeypatch) -> tuple[Path, Path]:
-    """A git + DVC repository whose five stages are a cheap script; returns (repo, state dir)."""
+    """A git + DVC repository whose stages are a cheap script; returns (repo, state dir)."""
     repo = tmp_path / "fake"
     state = tmp_path / "state"
     repo.mkdir()
@@ -319,3 +320,69 @@ def test_deployment_registers_with_its_cron_schedule(prefect_server):
     assert deployed.work_pool_name == spec["work_pool"]
     assert deployed.entrypoint == "pipeline/flows.py:ebm_pipeline"
     assert [(s.schedule.cron, s.schedule.timezone) for s in deployed.schedules] == [(spec["cron"], spec["timezone"])]
+
+
+# ------------------------------------------------------------------ stopping a flow run
+
+
+INTERRUPTIBLE = {  # a training long enough to be stopped midway; checkpoints only at the start and on a signal
+    "runtime": {"device": "cpu", "progress_seconds": 0},
+    "data": {"limit": 128},
+    "langevin": {"steps": 10},
+    "train": {"epochs": 30, "batch_size": 16, "checkpoint_every": 100_000, "log_every": 5, "sample_every": 0},
+    "tracking": {"enabled": False},
+}
+
+
+@pytest.mark.slow
+def test_sigint_to_a_flow_run_lets_training_write_its_checkpoint(prefect_server, tmp_path):
+    """Ctrl-C on `python -m pipeline flow`: the running stage gets SIGINT, saves, and the flow stops.
+
+    The flow's log shows the stage's progress lines as they come (they are what the test waits
+    for); then SIGINT goes to the flow process alone, as a terminal sends it. Training saves a
+    checkpoint at the step it reached, which a later run resumes.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from pipeline.__main__ import main
+    from pipeline.checkpoint import CHECKPOINT_FORMAT, safe_load
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_params(repo / "params.yaml", INTERRUPTIBLE)
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        assert main(["prepare"]) == 0
+    finally:
+        os.chdir(cwd)
+    stages = {name: {"cmd": f"{sys.executable} -c pass"} for name in STAGES}
+    stages["train"] = {"cmd": f"{sys.executable} -m pipeline train"}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["dvc", "init", "-q"], repo)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "flow", "--retries", "0"], cwd=repo, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "train: step 6/240" in line:  # the stage's progress, in the flow's log, while it runs
+                break
+        else:
+            pytest.fail("no training progress in the flow's output:\n" + "".join(seen[-40:]))
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(seen) + rest
+    assert proc.returncode == 130, out[-3000:]
+    assert out.rstrip().endswith("flow: interrupted (SIGINT); run it again to redo it") and "Traceback" not in out
+    checkpoint = safe_load(repo / "models" / "checkpoints" / "last.pt", CHECKPOINT_FORMAT)
+    assert 6 <= checkpoint["step"] < 240, out[-3000:]
+    assert f"train: stopped by SIGINT at step {checkpoint['step']}; checkpoint saved" in out, out[-3000:]
+    assert not (repo / "models" / "ebm.pt").exists()

@@ -34,7 +34,7 @@ from pipeline.evaluate import score_images
 from pipeline.model import EnergyNet
 from pipeline.stages import register
 from pipeline.stages.common import file_md5, load_energy_model, write_json
-from tests.conftest import tiny_params_dict, write_params
+from tests.conftest import empty_mlflow_store, tiny_params_dict, write_params
 
 NAME = "ebm-mnist"
 FIDS = {"first": 100.0, "worse": 120.0, "better": 80.0}  # margin 5: worse -> challenger, better -> champion
@@ -90,7 +90,7 @@ def registry(tmp_path_factory):
     """
     work = tmp_path_factory.mktemp("registry")
     mp = pytest.MonkeyPatch()
-    uri = f"sqlite:///{work / 'mlflow.db'}"
+    uri = f"sqlite:///{empty_mlflow_store(work / 'mlflow.db')}"
     mp.setenv("MLFLOW_TRACKING_URI", uri)
     mp.chdir(work)
     write_params(work / "params.yaml")

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import tracking
 from pipeline.checkpoint import CHECKPOINT_FORMAT, CheckpointError, MODEL_FORMAT, atomic_save, safe_load
-from pipeline.config import parse_params
-from pipeline.train import Trainer, TrainingDiverged, cd_step
+from pipeline.config import TrackingConfig, parse_params
+from pipeline.train import Trainer, TrainingDiverged, TrainingInterrupted, cd_step
 from pipeline.tracking import NullTracker
 from tests.conftest import copy_prepared, tiny_params_dict, write_params
 
@@ -20,6 +21,7 @@ from tests.conftest import copy_prepared, tiny_params_dict, write_params
 EPOCHS = 16
 TOTAL_STEPS = EPOCHS * (128 // 16)
 SLOW = {
+    "runtime": {"device": "cpu"},  # the exact-resume comparisons are CPU arithmetic, also on a GPU host
     "data": {"limit": 128},
     "langevin": {"steps": 10},
     "train": {"epochs": EPOCHS, "batch_size": 16, "checkpoint_every": 3, "log_every": 1, "sample_every": 0},
@@ -114,33 +116,72 @@ def test_signal_saves_a_checkpoint_then_resume_completes(reference, tmp_path, si
 def _trainer(tmp_path, step_fn=cd_step, **train):
     raw = tiny_params_dict({"train": {"epochs": 3, "checkpoint_every": 2, **train}, "tracking": {"enabled": False}})
     params = parse_params(raw)
-    images = torch.rand(48, 1, 32, 32) * 2 - 1
+    images = torch.rand(48, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # the same data each call
     return Trainer(
         params, images, torch.device("cpu"), NullTracker(), tmp_path / "ckpt.pt", progress=False, step_fn=step_fn
     )
 
 
-def test_injected_nan_rolls_back_and_lowers_the_lr(tmp_path, capsys):
-    poisoned = {"done": False}
+def _poison_once(at_step: int):
+    """A step function that, at trainer step ``at_step``, leaves NaN weights and a NaN loss, once."""
+    state = {"done": False, "trainer": None}
 
     def step_fn(model, optimizer, *args, **kwargs):
         stats = cd_step(model, optimizer, *args, **kwargs)
-        if trainer.step == 5 and not poisoned["done"]:
-            poisoned["done"] = True
+        if state["trainer"].step == at_step and not state["done"]:
+            state["done"] = True
             with torch.no_grad():
                 for p in model.parameters():
                     p.fill_(float("nan"))  # what an exploding update leaves behind
             stats["loss"] = torch.tensor(float("nan"))
         return stats
 
-    trainer = _trainer(tmp_path, step_fn=step_fn)
+    return step_fn, state
+
+
+def test_injected_nan_rolls_back_lowers_the_lr_and_is_recorded_in_mlflow(tmp_path, capsys, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    step_fn, poisoned = _poison_once(5)
+    trainer = poisoned["trainer"] = _trainer(tmp_path, step_fn=step_fn)
+    trainer.tracker = tracking.start_run(TrackingConfig(experiment="rollbacks"), run_name="nan")
     result = trainer.fit()
+    trainer.tracker.close()
     assert poisoned["done"]
     assert result.rollbacks == 1
     assert result.steps == trainer.total_steps
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
-    assert "rolled back to step 4" in capsys.readouterr().err
+    err = [line for line in capsys.readouterr().err.splitlines() if "rolled back" in line]
+    assert len(err) == 1 and "divergence at step 5" in err[0] and "rolled back to step 4" in err[0]
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    run = client.get_run(trainer.tracker.run_id)
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rollback")] == [(5, 1.0)]
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert lrs[5] == pytest.approx(1e-4 * 0.5)  # the lowered lr, logged with the rollback
+    assert run.data.tags["rollback.1"] == err[0]
+
+
+@pytest.mark.parametrize("every_step", [True, False], ids=["checked every step (CPU)", "checked at log steps (GPU)"])
+def test_divergence_is_caught_at_the_next_checked_step(tmp_path, capsys, every_step):
+    """On a GPU the statistics reach the host only at log and checkpoint steps; a NaN waits for the next one.
+
+    9 steps, logged at 3, 6, 9 and checkpointed at 4, 8, 9; the weights turn NaN in step 4. Checked
+    every step, step 4 itself rolls back; checked sparsely, step 5 runs on NaN weights unseen and the
+    log step after it rolls back. Either way to the checkpoint of step 4, and training ends finite.
+    """
+    step_fn, poisoned = _poison_once(4)
+    trainer = poisoned["trainer"] = _trainer(tmp_path, step_fn=step_fn, log_every=3, checkpoint_every=4)
+    trainer.check_every_step = every_step
+    result = trainer.fit()
+    assert poisoned["done"] and result.rollbacks == 1 and result.steps == trainer.total_steps == 9
+    err = [line for line in capsys.readouterr().err.splitlines() if "rolled back" in line]
+    assert len(err) == 1 and f"divergence at step {4 if every_step else 5}" in err[0], err
+    assert "rolled back to step 4" in err[0]
+    assert [row["step"] for row in result.history] == [3, 6, 9]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_score_explosion_beyond_max_rollbacks_stops_with_a_clear_error(tmp_path):
@@ -178,6 +219,82 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     assert not other.try_resume() and other.step == 0
     same = _trainer(tmp_path)
     assert same.try_resume() and same.step == 3
+
+
+def _checkpoint_midway(tmp_path, stop_after: int = 5) -> Path:
+    """A checkpoint of the _trainer config after ``stop_after`` of its 9 steps (a stop, as on SIGINT)."""
+    def step_fn(*args, **kwargs):
+        stats = cd_step(*args, **kwargs)
+        if trainer.step == stop_after - 1:
+            trainer._signal = signal.SIGINT
+        return stats
+
+    trainer = _trainer(tmp_path, step_fn=step_fn)
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit()
+    return trainer.checkpoint_path
+
+
+def _rewrite(path: Path, edit) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    edit(state)
+    atomic_save(state, path)
+    return state
+
+
+def test_checkpoint_from_another_device_carries_over_and_reseeds_deterministically(tmp_path, capsys):
+    """A checkpoint written on a GPU, resumed on the CPU: its CUDA generator state cannot be set here.
+
+    The checkpoint claims CUDA and holds a CUDA-shaped generator state (16 bytes: seed, offset), as a
+    GPU run writes it. The resume keeps weights, optimizer, buffer and step, reseeds the generator
+    from train.seed and the step, says so in one line, and two such resumes train alike.
+    """
+    path = _checkpoint_midway(tmp_path)
+    cuda_state = torch.zeros(16, dtype=torch.uint8)
+    with pytest.raises(RuntimeError):
+        torch.Generator().set_state(cuda_state)  # what restoring it as it is would do
+
+    def as_if_on_cuda(state):
+        state["resolved"]["device"] = "cuda"
+        state["rng"]["generators"]["train"] = cuda_state
+        state["rng"]["cuda"] = [cuda_state]
+
+    saved = _rewrite(path, as_if_on_cuda)
+    capsys.readouterr()
+    resumed = _trainer(tmp_path)
+    assert resumed.try_resume() and resumed.step == saved["step"] == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written on cuda, resuming on cpu" in err[0], err
+    assert f"restart from seed {resumed._reseed(5)}" in err[0]
+    assert resumed.generator.initial_seed() == resumed._reseed(5)
+    for key, value in saved["model"].items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    assert torch.equal(resumed.buffer.storage, saved["buffer"]["storage"])
+    assert resumed.buffer.fill == saved["buffer"]["fill"] and resumed.buffer.ptr == saved["buffer"]["ptr"]
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == saved["optimizer"]["state"][0]["step"]
+    assert torch.equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"], saved["optimizer"]["state"][0]["exp_avg"])
+
+    again = _trainer(tmp_path)
+    assert again.try_resume()
+    first, second = resumed.fit(), again.fit()
+    assert first.steps == second.steps == 9
+    for a, b in zip(first.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_sampled_in_another_precision_is_refused_in_one_line(tmp_path):
+    path = _checkpoint_midway(tmp_path)
+    here = _trainer(tmp_path).precision  # fp32, or bf16 where the CPU runs it natively
+    other = "fp32" if here == "bf16" else "bf16"
+    _rewrite(path, lambda state: state["resolved"].update(precision=other))
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError) as info:
+        _trainer(tmp_path).try_resume()
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("train: ")
+    assert f"sampled in {other}" in message and f"is {here} here" in message
+    assert f"langevin.precision: {other}" in message and "delete the checkpoint" in message
+    assert path.read_bytes() == before  # the checkpoint is left as it was
 
 
 def test_atomic_save_leaves_no_temporary_files(tmp_path):

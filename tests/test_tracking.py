@@ -174,7 +174,10 @@ def test_one_run_with_every_param_and_the_tags(repo):
     assert r.info.status == "FINISHED"
 
     params = flatten(yaml.safe_load((repo.path / "params.yaml").read_text()))
-    assert set(r.data.params) == set(params)
+    # every value of params.yaml, and the sampler's precision as it resolved on this machine
+    assert set(r.data.params) == set(params) | {"langevin.precision_resolved"}
+    trained = json.loads((repo.path / "metrics/train.json").read_text())
+    assert r.data.params["langevin.precision_resolved"] == trained["precision"] in ("fp32", "bf16")
     for key in ("langevin.step_size", "train.alpha", "buffer.size", "buffer.reinit_prob", "model.channels"):
         assert key in r.data.params
     bad = {k: (r.data.params[k], v) for k, v in params.items() if not same_param(r.data.params[k], v)}
@@ -187,9 +190,12 @@ def test_one_run_with_every_param_and_the_tags(repo):
     assert tags["dvc.data_md5.train"] == lock_md5(repo.baseline_lock, "data/prepared/train.pt")
     assert tags["dvc.data_md5.test"] == lock_md5(repo.baseline_lock, "data/prepared/test.pt")
     assert tags["dvc.model_md5"] == lock_md5(repo.baseline_lock, "models/ebm.pt")
-    assert tags["device"].startswith("cpu")
     import torch
 
+    # runtime.device auto: CUDA where this machine has it, else the CPU (the stages ran in this environment)
+    assert tags["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
+    assert tags["device"] == tags["hardware.device"]
+    assert tags["precision"] == trained["precision"]
     assert tags["torch"] == torch.__version__
 
 
@@ -214,7 +220,7 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
     client = repo.client()
     run_id = repo.baseline_run_id
     metrics = client.get_run(run_id).data.metrics
-    for stem in ("train", "generate", "evaluate"):
+    for stem in ("train", "generate", "evaluate", "ood", "restore"):
         expected = numeric_leaves(json.loads((repo.path / f"metrics/{stem}.json").read_text()), stem)
         assert expected and {k: metrics[k] for k in expected} == expected
 
@@ -243,6 +249,14 @@ def test_run_holds_stage_metrics_artifacts_and_model(repo):
         "metrics/train.json",
         "metrics/generate.json",
         "metrics/evaluate.json",
+        "metrics/threshold.json",  # the in/out threshold stored with the model
+        "metrics/ood.json",
+        "metrics/ood.md",
+        "metrics/restore.json",
+        "metrics/restore.md",
+        "figures/ood_scores.png",
+        "figures/ood_cases.png",
+        "figures/restore.png",
     }
     assert expected <= artifacts, expected - artifacts
     local = Path(client.download_artifacts(run_id, "metrics/evaluate.json"))

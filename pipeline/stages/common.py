@@ -1,4 +1,4 @@
-"""Helpers shared by the stages: file digests, JSON output, split paths, model loading."""
+"""Helpers shared by the stages: file digests, JSON output, split paths, model and threshold loading."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import MODEL_FORMAT, safe_load
+from pipeline.checkpoint import MODEL_FORMAT, CheckpointError, safe_load
 from pipeline.config import ModelConfig, Params
+from pipeline.data import DataError
 from pipeline.model import EnergyNet
 
 CLASSIFIER_FORMAT = "digit-classifier/1"
@@ -37,6 +38,8 @@ def split_path(params: Params, name: str) -> Path:
 
 def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet, dict]:
     """Rebuild the network from the config stored beside its weights."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"model: {path} not found; run the train stage first (dvc repro train)")
     blob = safe_load(path, MODEL_FORMAT)
     cfg = blob["model_config"]
     model = EnergyNet.from_config(ModelConfig(channels=tuple(cfg["channels"]), hidden=int(cfg["hidden"])))
@@ -44,9 +47,28 @@ def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet
     return model.to(device).eval(), blob
 
 
+def read_threshold(params: Params, who: str) -> float:
+    """The in/out score threshold that ``evaluate`` stored with the model, checked to belong to the model on disk."""
+    path = Path(params.paths.threshold)
+    if not path.is_file():
+        raise DataError(f"{who}: {path} not found; run `dvc repro` (the evaluate stage writes it)")
+    try:
+        record = json.loads(path.read_text())
+        threshold, model_md5 = float(record["threshold"]), str(record["model_md5"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{who}: {path} is not a threshold file ({type(exc).__name__})") from None
+    if model_md5 != file_md5(params.paths.model):
+        raise DataError(
+            f"{who}: {path} was chosen for another model than {params.paths.model}; run `dvc repro evaluate`"
+        )
+    return threshold
+
+
 def load_classifier(path: str | Path, device: torch.device):
     from pipeline.classifier import DigitClassifier
 
+    if not Path(path).is_file():
+        raise CheckpointError(f"classifier: {path} not found; run the train_classifier stage first")
     blob = safe_load(path, CLASSIFIER_FORMAT)
     model = DigitClassifier(int(blob["feature_dim"]))
     model.load_state_dict(blob["model"])

@@ -17,13 +17,18 @@ from pipeline.stages.common import load_energy_model, write_json
 SAMPLE_IMAGES = "samples/generated"  # the final sample grid, an MLflow image series (a section "samples" in the UI)
 
 
-def run(params: Params, progress: bool = True) -> dict:
-    # Reopened first: a store or run that cannot be used stops the stage before any sampling.
-    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
+def run(params: Params, progress: str | bool = True) -> dict:
+    """``progress``: bar, lines or off (pipeline/progress.py)."""
+    # An absent device or model file stops the stage before anything is touched; then the MLflow run is
+    # reopened, so a store or run that cannot be used stops it before any sampling.
     device = resolve_device(params.runtime)
     model, blob = load_energy_model(params.paths.model, device)
+    tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     start = time.perf_counter()
-    samples, snapshots = generate_samples(model, params.generate, params.langevin, device, progress=progress)
+    samples, snapshots = generate_samples(
+        model, params.generate, params.langevin, device,
+        progress=progress, progress_seconds=params.runtime.progress_seconds,
+    )
     seconds = time.perf_counter() - start
     out = Path(params.paths.samples_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -22,15 +22,15 @@ from pipeline.figures import image_grid, save_curves
 from pipeline.model import IMAGE_SHAPE, EnergyNet, count_parameters
 from pipeline.runtime import describe, hardware, seed_everything
 from pipeline.stages.common import file_md5, split_path, write_json
-from pipeline.train import Trainer, TrainingInterrupted
+from pipeline.train import Trainer, TrainingInterrupted, steps_per_epoch
 
 CHECKPOINT_NAME = "last.pt"
 # MLflow image series (key, one image per step); the "samples/" prefix makes them a section of their own,
 # the first on the run page's Model metrics tab.
 BUFFER_IMAGES = "samples/replay_buffer"
 
-
-def run(params: Params, progress: bool = True) -> dict:
+def run(params: Params, progress: str | bool = True) -> dict:
+    """``progress``: bar, lines or off (pipeline/progress.py); only rank 0 shows it."""
     dist, device = distributed.init(params.runtime)  # one process, or this rank of a torchrun job
     try:
         return _run(params, progress, dist, device)
@@ -38,16 +38,18 @@ def run(params: Params, progress: bool = True) -> dict:
         distributed.teardown(dist)
 
 
-def _run(params: Params, progress: bool, dist: distributed.Dist, device: torch.device) -> dict:
-    # An unreachable server fails here, before any training (on every rank: rank 0 checks it).
+def _run(params: Params, progress: str | bool, dist: distributed.Dist, device: torch.device) -> dict:
+    # Everything that can be wrong is checked before anything is written: the device (above), the data
+    # (enough images for one batch per process), then the MLflow store (on rank 0; every rank raises).
+    train_split = data.load_split(split_path(params, "train"))
+    steps_per_epoch(len(train_split), dist.world_size, params.train.batch_size)
     dist.on_main(lambda: tracking.preflight(params.tracking))
     seed_everything(params.train.seed)
-    train_split = data.load_split(split_path(params, "train"))
     checkpoint = Path(params.paths.checkpoint_dir) / CHECKPOINT_NAME
 
     trainer = Trainer(
         params, train_split.images, device, tracking.NullTracker(), checkpoint,
-        progress=progress and dist.is_main, dist=dist,
+        progress=progress if dist.is_main else "off", dist=dist,
     )
     resumed = trainer.try_resume()
 

@@ -13,12 +13,16 @@ from pipeline.runtime import resolve_device
 from pipeline.stages.common import CLASSIFIER_FORMAT, split_path, write_json
 
 
-def run(params: Params, progress: bool = True) -> dict:
-    device = resolve_device(params.runtime)
+def run(params: Params, progress: str | bool = True) -> dict:
+    """``progress``: bar, lines or off (pipeline/progress.py)."""
+    device = resolve_device(params.runtime)  # an absent device stops the stage before any work
     train_split = data.load_split(split_path(params, "train"))
     test_split = data.load_split(split_path(params, "test"))
     start = time.perf_counter()
-    model = train_classifier(params.classifier, train_split.images, train_split.labels, device, progress=progress)
+    model = train_classifier(
+        params.classifier, train_split.images, train_split.labels, device,
+        progress=progress, progress_seconds=params.runtime.progress_seconds,
+    )
     acc = accuracy(model, test_split.images, test_split.labels, device)
     path = Path(params.paths.classifier)
     atomic_save(

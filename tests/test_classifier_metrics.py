@@ -1,0 +1,83 @@
+"""evaluate.classifier_metrics on a classifier whose features and labels are read off the images.
+
+Three sets of known, different feature distributions (samples, held-out test digits, training
+digits) make every pairing give another distance, so a metric computed from the wrong pair, a
+floor from the wrong sets, or a wrong share or histogram, fails.
+"""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.evaluate import classifier_metrics, normalised_entropy
+from pipeline.fid import fid_from_features
+
+
+class PixelClassifier(nn.Module):
+    """Features: an image's first four pixels; logits: pixel 3's value at the class in pixel 2, 0 elsewhere."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :4]
+
+    def out(self, features: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(features.shape[0], 10, dtype=features.dtype)
+        logits[torch.arange(features.shape[0]), features[:, 2].long()] = features[:, 3]
+        return logits
+
+
+def _images(n: int, mean: float, classes: list[int], strengths: list[float], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, 32, 32)
+    flat = x.view(n, -1)
+    flat[:, :2] = mean + torch.randn(n, 2, generator=g)  # the two features whose distribution differs by set
+    flat[:, 2] = torch.tensor(classes, dtype=torch.float32)
+    flat[:, 3] = torch.tensor(strengths, dtype=torch.float32)
+    return x
+
+
+def _sets(n_samples=50, n_test=50, n_train=50):
+    # samples: digits 0-4, ten each; the first 30 labelled with logit 10 (p = 0.9996), the rest with 1 (p = 0.23)
+    samples = _images(n_samples, 3.0, [i % 5 for i in range(n_samples)], [10.0] * 30 + [1.0] * (n_samples - 30), 1)
+    test = _images(n_test, 0.0, [i % 10 for i in range(n_test)], [5.0] * n_test, 2)
+    train = _images(n_train, 0.5, [i % 10 for i in range(n_train)], [5.0] * n_train, 3)
+    return samples, test, train
+
+
+def _features(x: torch.Tensor) -> np.ndarray:
+    return x.flatten(1)[:, :4].double().numpy()
+
+
+def test_fid_floor_confidence_and_coverage_come_from_the_right_sets():
+    samples, test, train = _sets()
+    metrics, per_digit = classifier_metrics(
+        PixelClassifier(), samples, test, train, torch.device("cpu"), 0.9, torch.Generator().manual_seed(0)
+    )
+    f_samples, f_test, f_train = _features(samples), _features(test), _features(train)
+    # Equal sizes: the random subsets are permutations of whole sets, and the distance ignores order.
+    fid, floor = fid_from_features(f_samples, f_test), fid_from_features(f_train, f_test)
+    wrong = {
+        "samples vs train": fid_from_features(f_samples, f_train),
+        "train vs test, for fid": floor,
+        "test vs test": fid_from_features(f_test, f_test),
+    }
+    assert all(abs(fid - v) > 1.0 for v in wrong.values()) and abs(floor - wrong["samples vs train"]) > 1.0
+    assert metrics["fid"] == pytest.approx(fid, rel=1e-9)
+    assert metrics["fid_real_floor"] == pytest.approx(floor, rel=1e-9)
+    assert metrics["fid_n"] == 50.0
+    assert metrics["confident_share"] == pytest.approx(30 / 50)
+    assert per_digit.tolist() == [10, 10, 10, 10, 10, 0, 0, 0, 0, 0]
+    assert metrics["coverage_entropy"] == pytest.approx(np.log(5) / np.log(10))
+    assert metrics["coverage_entropy"] == pytest.approx(normalised_entropy(np.arange(50) % 5))
+
+
+def test_confidence_threshold_and_the_common_size_of_unequal_sets():
+    samples, test, train = _sets(n_samples=50, n_test=60, n_train=80)
+    device, model = torch.device("cpu"), PixelClassifier()
+    strict, _ = classifier_metrics(model, samples, test, train, device, 0.9, torch.Generator().manual_seed(0))
+    loose, _ = classifier_metrics(model, samples, test, train, device, 0.2, torch.Generator().manual_seed(0))
+    assert strict["fid_n"] == loose["fid_n"] == 50.0  # the smallest set's size
+    assert strict["confident_share"] == pytest.approx(0.6) and loose["confident_share"] == pytest.approx(1.0)
+    assert strict["fid"] == loose["fid"]  # the same generator, the same subsets
+    # a subset of 50 from each real set: still far from the samples, still near each other
+    assert strict["fid"] > 10 * strict["fid_real_floor"]
