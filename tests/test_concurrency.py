@@ -45,7 +45,7 @@ def test_two_queued_experiments_share_one_sqlite_store(repo_copy, new_mlflow_uri
     # Both models went through the registry's gate one at a time: two versions, one champion.
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=mlflow_uri)
+    client = MlflowClient(tracking_uri=new_mlflow_uri)
     versions = client.search_model_versions("name = 'ebm-mnist'")
     assert sorted(mv.run_id for mv in versions) == sorted(runs["run_id"])
     assert sorted(str(mv.version) for mv in versions) == ["1", "2"]
