@@ -284,6 +284,9 @@ def main(params: Params, argv: list[str]) -> int:
     parser.add_argument("--gen-steps", type=int, default=1000)
     parser.add_argument("--ablation", type=int, default=0, metavar="N",
                         help="also time the sampler alone with each gradient shortcut on and off, N times each")
+    parser.add_argument("--levers", type=int, default=0, metavar="N",
+                        help="also time each convolution's candidate kernels and torch.compile of the sampler's "
+                             "gradient, N rounds each (pipeline/levers.py)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param for this benchmark, e.g. --set langevin.precision=fp32")
     args = parser.parse_args(argv)
@@ -299,4 +302,8 @@ def main(params: Params, argv: list[str]) -> int:
     run(params, args.iters, args.gen_samples, args.gen_steps)
     if args.ablation > 0:
         sampler_ablation(params, args.ablation)
+    if args.levers > 0:
+        from pipeline import levers
+
+        levers.run(params, args.levers)
     return 0

@@ -131,3 +131,47 @@ def test_eager_reference_step_makes_the_same_update_as_cd_step(sampler):
         # Adam's first step is about lr x sign(gradient): the same weights, to a small part of lr
         assert (p_mine - p_eager).abs().max() <= 0.05 * tcfg.lr, name
         assert (p_eager - start.state_dict()[name]).abs().max() > 0.5 * tcfg.lr, name
+
+
+def test_levers_time_every_convolution_in_each_candidate_kernel():
+    """`bench --levers`: per convolution, forward and input gradient in each implementation (no compile here)."""
+    import io
+
+    from pipeline import levers
+    from pipeline.config import parse_params
+
+    params = parse_params(tiny_params_dict({"train": {"batch_size": 8}, "langevin": {"workers": 2}}))
+    out = io.StringIO()
+    results = levers.run(params, reps=1, repeats=1, compile_step=False, out=out)
+    text = out.getvalue()
+    assert "4 images (one group of chains) on 1 thread" in text
+    assert list(results) == [
+        "conv 1->16 k5 s2 at 32x32", "conv 16->32 k3 s2 at 16x16", "conv 32->64 k3 s2 at 8x8", "conv 64->64 k3 s2 at 4x4",
+    ]
+    kernels = {"forward oneDNN NCHW", "forward oneDNN channels-last", "forward native", "input gradient oneDNN NCHW",
+               "input gradient oneDNN channels-last", "input gradient native"}
+    for name, times in results.items():
+        phases = {"input gradient by phases (channels-last)"} if name.startswith("conv 1->") else set()
+        assert set(times) == kernels | phases, name
+        assert all(t > 0 for t in times.values())
+        assert name in text
+
+
+def test_each_lever_candidate_computes_the_same_thing():
+    """The kernels compared are interchangeable: the same forward and the same input gradient."""
+    import torch
+
+    from pipeline.levers import layer_candidates
+    from pipeline.model import EnergyNet
+
+    torch.manual_seed(0)
+    model = EnergyNet()
+    x = torch.rand(3, 1, 32, 32) * 2 - 1
+    for layer in model.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            results = {name: fn() for name, fn in layer_candidates(layer, x).items()}
+            forward = [v for k, v in results.items() if k.startswith("forward")]
+            grads = [v for k, v in results.items() if k.startswith("input gradient")]
+            assert all(torch.allclose(f, forward[0], atol=1e-5) for f in forward)
+            assert all(torch.allclose(g, grads[0], atol=1e-5) for g in grads)
+        x = layer(x).detach()
