@@ -614,7 +614,7 @@ def read_run_info(path: str | Path) -> str | None:
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise TrackingError(f"tracking: {path} is not a run-info file ({_one_line(exc)}); run the train stage again") from None
+        raise TrackingError(f"tracking: {path} is not a run-info file ({one_line(exc)}); run the train stage again") from None
     return info.get("run_id") if isinstance(info, dict) else None
 
 
