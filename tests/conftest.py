@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import os
 import shutil
 import sqlite3
@@ -157,3 +158,57 @@ def make_repo(dest: Path, overrides: dict | None = None, store: bool = True) -> 
 @pytest.fixture
 def repo_copy(tmp_path, mlflow_uri) -> Path:
     return make_repo(tmp_path / "repo")
+
+
+def copy_repo(src: Path, dest: Path) -> Path:
+    """A copy of the repository ``src`` (git, DVC cache, outputs and its default MLflow store) at ``dest``.
+
+    The store records absolute artifact locations; they are rewritten to the copy's, so runs,
+    artifacts and registered models of the copy live in the copy.
+    """
+    shutil.copytree(src, dest, symlinks=True)
+    db = dest / "mlflow.db"
+    if db.is_file():
+        old, new = str(src.resolve()), str(dest.resolve())
+        with contextlib.closing(sqlite3.connect(db)) as con, con:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    name, kind = column[1], (column[2] or "").upper()
+                    if "CHAR" in kind or "TEXT" in kind or "CLOB" in kind:
+                        con.execute(
+                            f'UPDATE "{table}" SET "{name}" = replace("{name}", ?, ?) WHERE instr("{name}", ?) > 0',
+                            (old, new, old),
+                        )
+    return dest
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A tiny repository after one whole `dvc repro` with the default MLflow store, committed."""
+
+    path: Path
+    repro_stdout: str
+    rev: str
+
+    def copy(self, dest: Path) -> Path:
+        return copy_repo(self.path, dest)
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory) -> Baseline:
+    """One whole tiny `dvc repro`, shared by every test that starts from a repository with outputs.
+
+    Tests work in copies (``baseline.copy(tmp_path / "repo")``) and never in this one. The store
+    is the default one (``mlflow.db`` at the repository root), as a user's `make run` leaves it.
+    """
+    mp = pytest.MonkeyPatch()
+    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        mp.delenv(var, raising=False)
+    dest = make_repo(tmp_path_factory.mktemp("baseline") / "repo")
+    first = run(["dvc", "repro"], dest)
+    run([*GIT, "add", "-A"], dest)
+    run([*GIT, "commit", "-qm", "baseline"], dest)
+    rev = run(["git", "rev-parse", "HEAD"], dest).stdout.strip()
+    mp.undo()
+    return Baseline(dest, first.stdout, rev)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from tests.conftest import GIT, ROOT, make_repo, run
+from tests.conftest import GIT, ROOT, run
 
 from pipeline.compare import flatten, markdown, merge, plan, recipe_overrides
 from pipeline.config import load_params
@@ -103,10 +103,12 @@ def test_bad_preset_value_fails_before_any_experiment(tmp_path):
 
 
 @pytest.mark.slow
-def test_compare_runs_one_experiment_and_mlflow_run_per_recipe_and_seed(tmp_path, monkeypatch):
+def test_compare_runs_one_experiment_and_mlflow_run_per_recipe_and_seed(baseline, tmp_path, monkeypatch):
+    """From a repository whose workspace was already reproduced (`make run`, then `make compare`)."""
     for var in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         monkeypatch.delenv(var, raising=False)
-    repo = make_repo(tmp_path / "repo")
+    repo = baseline.copy(tmp_path / "repo")
+    workspace_run = json.loads((repo / "models" / "run.json").read_text())["run_id"]
     (repo / "presets" / "variant.yaml").write_text(yaml.safe_dump({"train": {"alpha": 0.2}}))
     run([*GIT, "add", "-A"], repo)
     run([*GIT, "commit", "-qm", "variant"], repo)
@@ -120,15 +122,22 @@ def test_compare_runs_one_experiment_and_mlflow_run_per_recipe_and_seed(tmp_path
     ]
     # The workspace is untouched: every run happened in a temporary copy.
     assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["alpha"] == 0.1
-    assert not (repo / "models" / "ebm.pt").exists()
+    assert json.loads((repo / "models" / "run.json").read_text())["run_id"] == workspace_run
+    changed = run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"], repo).stdout
+    assert changed.strip() == ""  # only the table and figures under results/ are written
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     for row in rows:
         mlrun = client.get_run(row["mlflow_run_id"])
-        assert mlrun.info.run_name == row["experiment"]
-        assert mlrun.data.tags["dvc.exp_name"] == row["experiment"]
+        if row["recipe"] == "default":
+            # The workspace's own params: DVC restores every stage from its run-cache, trains nothing,
+            # and the row's run is the one that trained the workspace's model.
+            assert row["mlflow_run_id"] == workspace_run
+        else:
+            assert mlrun.info.run_name == row["experiment"]
+            assert mlrun.data.tags["dvc.exp_name"] == row["experiment"]
         assert mlrun.data.params["train.alpha"] == ("0.2" if row["recipe"] == "variant" else "0.1")
         # The table holds exactly what the run recorded.
         assert mlrun.data.metrics["evaluate.fid"] == pytest.approx(row["fid"])

@@ -1,10 +1,12 @@
 """Two queued experiments run in parallel and both land in the same SQLite MLflow store."""
 
+import os
+import subprocess
 import time
 
 import pytest
 
-from tests.conftest import run
+from tests.conftest import BIN, run
 
 pytestmark = pytest.mark.slow
 
@@ -18,20 +20,32 @@ def queue_logs(repo, names) -> str:
     return "".join(out)
 
 
-def test_two_queued_experiments_share_one_sqlite_store(repo_copy, new_mlflow_uri):
+def test_two_queued_experiments_share_one_sqlite_store(baseline, tmp_path, new_mlflow_uri):
+    """Queued from a reproduced workspace: the unchanged stages come from DVC's run-cache, the store is new."""
     import mlflow
+
+    repo_copy = baseline.copy(tmp_path / "repo")
 
     names = {"0.2": "alpha-02", "0.3": "alpha-03"}
     for alpha, name in names.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.alpha={alpha}"], repo_copy)
-    run(["dvc", "queue", "start", "-j", "2"], repo_copy)
-    deadline = time.time() + 420
-    while True:
-        status = run(["dvc", "queue", "status"], repo_copy).stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        assert time.time() < deadline, status
-        time.sleep(3)
+    # The workers `dvc queue start` spawns outlive it and may hold on to its output: not a pipe here,
+    # or reading the command's output would wait for the workers to exit.
+    start = subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"], cwd=repo_copy, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120,
+    )
+    assert start.returncode == 0
+    try:
+        deadline = time.time() + 420
+        while True:
+            status = run(["dvc", "queue", "status"], repo_copy).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            assert time.time() < deadline, status
+            time.sleep(3)
+    finally:
+        run(["dvc", "queue", "stop"], repo_copy, check=False)  # idle workers would linger after the test
     assert status.count("Success") == 2, status + queue_logs(repo_copy, names.values())
 
     mlflow.set_tracking_uri(new_mlflow_uri)

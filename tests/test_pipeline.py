@@ -1,24 +1,24 @@
-"""End to end: `dvc repro` of the whole pipeline on a tiny config, in a fresh copy of the repository."""
+"""End to end: `dvc repro` of the whole pipeline on a tiny config, in a fresh copy of the repository (tests/conftest.py: baseline)."""
 
 import json
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_repo, run
+from tests.conftest import run
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def repro(tmp_path_factory):
-    """One tiny `dvc repro` shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    dest = make_repo(tmp / "repo")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}"}
-    first = run(["dvc", "repro"], dest, env=env)
+def repro(baseline, tmp_path_factory):
+    """A copy of the session's tiny `dvc repro` (its output as `first`), for the tests below to change."""
+    dest = baseline.copy(tmp_path_factory.mktemp("pipeline") / "repo")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{dest / 'mlflow.db'}"}  # the copy's own default store
+    first = subprocess.CompletedProcess(["dvc", "repro"], 0, stdout=baseline.repro_stdout, stderr="")
     return dest, env, first
 
 

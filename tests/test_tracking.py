@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from pipeline import tracking
-from tests.conftest import GIT, ROOT, make_repo, run, write_params
+from tests.conftest import GIT, ROOT, run, write_params
 EXPERIMENT = "ebm-mnist"
 STEP_METRICS = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
 CACHED_OUTS = (
@@ -106,21 +106,19 @@ class Repo:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Repo:
-    """`dvc repro` in a fresh git + DVC copy, with the default store, committed as the baseline."""
+def repo(baseline, tmp_path_factory) -> Repo:
+    """A copy of the session's tiny `dvc repro` (default store, committed as the baseline after the repro)."""
     mp = pytest.MonkeyPatch()
     for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
         mp.delenv(var, raising=False)
-    dest = make_repo(tmp_path_factory.mktemp("tracking") / "repo")
-    run(["dvc", "repro"], dest)
+    dest = baseline.copy(tmp_path_factory.mktemp("tracking") / "repo")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{dest / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     runs = [r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
-    run([*GIT, "add", "-A"], dest)
-    run([*GIT, "commit", "-qm", "baseline"], dest)
     rev = run(["git", "rev-parse", "HEAD"], dest).stdout.strip()
+    assert rev == baseline.rev
     branch = run(["git", "rev-parse", "--abbrev-ref", "HEAD"], dest).stdout.strip()
     lock = yaml.safe_load((dest / "dvc.lock").read_text())
     yield Repo(dest, uri, branch, rev, lock, runs)
