@@ -61,12 +61,16 @@ def classifier_metrics(
     confidence: float,
     generator: torch.Generator,
 ) -> tuple[dict[str, float], np.ndarray]:
-    """FID (samples vs test) beside its real-vs-real floor (train subset vs test, same N), confidence, coverage."""
+    """FID (samples vs test) beside its real-vs-real floor (train subset vs test, same N), confidence, coverage.
+
+    ``confident_share_real`` is the confident share of the held-out digits themselves: the ceiling
+    that ``confident_share`` of the samples can reach with this classifier.
+    """
     n = min(len(samples), len(real_test), len(real_train))
     test_idx = torch.randperm(len(real_test), generator=generator)[:n]
     train_idx = torch.randperm(len(real_train), generator=generator)[:n]
     f_samples, p_samples = predict(classifier, samples[:n], device)
-    f_test, _ = predict(classifier, real_test[test_idx], device)
+    f_test, p_test = predict(classifier, real_test[test_idx], device)
     f_train, _ = predict(classifier, real_train[train_idx], device)
     labels = p_samples.argmax(1).numpy()
     metrics = {
@@ -74,6 +78,7 @@ def classifier_metrics(
         "fid_real_floor": fid_from_features(f_train.numpy(), f_test.numpy()),
         "fid_n": float(n),
         "confident_share": float((p_samples.max(1).values > confidence).double().mean()),
+        "confident_share_real": float((p_test.max(1).values > confidence).double().mean()),
         "coverage_entropy": normalised_entropy(labels),
     }
     per_digit = np.bincount(labels, minlength=10)

@@ -39,8 +39,9 @@ def _images(n: int, mean: float, classes: list[int], strengths: list[float], see
 def _sets(n_samples=50, n_test=50, n_train=50):
     # samples: digits 0-4, ten each; the first 30 labelled with logit 10 (p = 0.9996), the rest with 1 (p = 0.23)
     samples = _images(n_samples, 3.0, [i % 5 for i in range(n_samples)], [10.0] * 30 + [1.0] * (n_samples - 30), 1)
-    test = _images(n_test, 0.0, [i % 10 for i in range(n_test)], [5.0] * n_test, 2)
-    train = _images(n_train, 0.5, [i % 10 for i in range(n_train)], [5.0] * n_train, 3)
+    # held-out digits: the first 20 labelled with logit 5 (p = 0.94), the rest with 1; training digits: 25 with 5
+    test = _images(n_test, 0.0, [i % 10 for i in range(n_test)], [5.0] * 20 + [1.0] * (n_test - 20), 2)
+    train = _images(n_train, 0.5, [i % 10 for i in range(n_train)], [5.0] * 25 + [1.0] * (n_train - 25), 3)
     return samples, test, train
 
 
@@ -66,6 +67,7 @@ def test_fid_floor_confidence_and_coverage_come_from_the_right_sets():
     assert metrics["fid_real_floor"] == pytest.approx(floor, rel=1e-9)
     assert metrics["fid_n"] == 50.0
     assert metrics["confident_share"] == pytest.approx(30 / 50)
+    assert metrics["confident_share_real"] == pytest.approx(20 / 50)  # the ceiling, from the held-out digits
     assert per_digit.tolist() == [10, 10, 10, 10, 10, 0, 0, 0, 0, 0]
     assert metrics["coverage_entropy"] == pytest.approx(np.log(5) / np.log(10))
     assert metrics["coverage_entropy"] == pytest.approx(normalised_entropy(np.arange(50) % 5))
