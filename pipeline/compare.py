@@ -127,8 +127,29 @@ def collect(repo: Path, params: Params, recipe: str, seed: int, name: str, out: 
         image.write_bytes(grid.stdout)
     return {
         "recipe": recipe, "seed": seed, "experiment": name, "rev": rev, "mlflow_run_id": run_id,
-        "samples": image.name if image else None, **values,
+        "samples": image.name if image else None, **values, **run_hardware(run_id),
     }
+
+
+def run_hardware(run_id: str | None) -> dict[str, str]:
+    """What the run's sampler ran in and on, from its MLflow tags: ``precision`` and ``cpu`` (model and ISA,
+    or the GPU). Empty where the store or the run cannot be read (a row of another machine's store)."""
+    if not run_id:
+        return {}
+    try:
+        from pipeline import tracking
+
+        tags = tracking.store_client().get_run(run_id).data.tags
+    except Exception:  # noqa: BLE001 - the table is still useful without these two cells
+        return {}
+    out = {}
+    if tags.get("precision"):
+        out["precision"] = tags["precision"]
+    if tags.get("hardware.cpu_model"):
+        out["cpu"] = f"{tags['hardware.cpu_model']} ({tags.get('hardware.cpu_isa', '?')})"
+    elif tags.get("hardware.device"):
+        out["cpu"] = tags["hardware.device"]
+    return out
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -137,11 +158,12 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """recipe x seed table, then mean ± sd per recipe, then the FID floor."""
-    head = ["recipe", "seed", *[c[2] for c in COLUMNS]]
+    head = ["recipe", "seed", *[c[2] for c in COLUMNS], "sampler", "CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["recipe"], str(r["seed"])]
         cells += ["–" if r.get(key) is None else fmt.format(r[key]) for _, key, _, fmt in COLUMNS]
+        cells += [r.get("precision") or "–", r.get("cpu") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     recipes = list(dict.fromkeys(r["recipe"] for r in rows))
     lines += ["", "| recipe (mean ± sd over seeds) | runs | " + " | ".join(c[2] for c in COLUMNS) + " |"]

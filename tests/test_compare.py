@@ -56,15 +56,15 @@ def test_flatten_and_unknown_recipe(tmp_path):
 def test_table_means_and_floor():
     rows = [
         {"recipe": "a", "seed": 0, "fid": 10.0, "confident_share": 0.5, "coverage_entropy": 0.9,
-         "train_seconds": 100.0, "steps": 10, "fid_real_floor": 2.0},
+         "train_seconds": 100.0, "steps": 10, "fid_real_floor": 2.0, "precision": "fp32", "cpu": "AMD EPYC (AVX2)"},
         {"recipe": "a", "seed": 1, "fid": 20.0, "confident_share": 0.7, "coverage_entropy": 0.8,
          "train_seconds": 110.0, "steps": 10, "fid_real_floor": 2.0},
         {"recipe": "b", "seed": 0, "fid": 30.0, "confident_share": None, "coverage_entropy": 0.7,
          "train_seconds": 50.0, "steps": 5, "fid_real_floor": 4.0},
     ]
     text = markdown(rows)
-    assert "| a | 0 | 10.0 | 0.500 | 0.900 | 100 | 10 |" in text
-    assert "| b | 0 | 30.0 | – | 0.700 | 50 | 5 |" in text
+    assert "| a | 0 | 10.0 | 0.500 | 0.900 | 100 | 10 | fp32 | AMD EPYC (AVX2) |" in text
+    assert "| b | 0 | 30.0 | – | 0.700 | 50 | 5 | – | – |" in text  # a row whose run is not in this store
     assert "| a | 2 | 15.0 ± 7.1 | 0.600 ± 0.141 | 0.850 ± 0.071 | 105 ± 7 | 10 ± 0 |" in text
     assert "| b | 1 | 30.0 ± 0.0 | – |" in text
     assert "floor (train subset vs test, same N): 2.7." in text
@@ -143,6 +143,9 @@ def test_compare_runs_one_experiment_and_mlflow_run_per_recipe_and_seed(baseline
         assert mlrun.data.metrics["evaluate.fid"] == pytest.approx(row["fid"])
         assert mlrun.data.metrics["evaluate.confident_share"] == pytest.approx(row["confident_share"])
         assert mlrun.data.metrics["train.train_seconds"] == pytest.approx(row["train_seconds"])
+        tags = mlrun.data.tags  # on a GPU host the "CPU" cell names the device instead
+        assert row["precision"] == tags["precision"]
+        assert row["cpu"].startswith(tags.get("hardware.cpu_model") or tags["hardware.device"])
         assert (repo / "results" / row["samples"]).stat().st_size > 0
     table = (repo / "results" / "compare.md").read_text()
     assert f"| default | 0 | {rows[0]['fid']:.1f} |" in table and f"| variant | 0 | {rows[1]['fid']:.1f} |" in table
