@@ -150,7 +150,8 @@ def test_injected_nan_rolls_back_lowers_the_lr_and_is_recorded_in_mlflow(tmp_pat
     assert poisoned["done"]
     assert result.rollbacks == 1
     assert result.steps == trainer.total_steps
-    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5)
+    lowered = trainer.cfg.lr * trainer.cfg.rollback_lr_factor
+    assert trainer.cfg.rollback_lr_factor == 0.5 and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lowered)
     assert all(torch.isfinite(p).all() for p in result.model.parameters())
     err = [line for line in capsys.readouterr().err.splitlines() if "rolled back" in line]
     assert len(err) == 1 and "divergence at step 5" in err[0] and "rolled back to step 4" in err[0]
@@ -159,7 +160,7 @@ def test_injected_nan_rolls_back_lowers_the_lr_and_is_recorded_in_mlflow(tmp_pat
     run = client.get_run(trainer.tracker.run_id)
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "rollback")] == [(5, 1.0)]
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
-    assert lrs[5] == pytest.approx(1e-4 * 0.5)  # the lowered lr, logged with the rollback
+    assert lrs[5] == pytest.approx(lowered)  # the lowered lr, logged with the rollback
     assert run.data.tags["rollback.1"] == err[0]
 
 
