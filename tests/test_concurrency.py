@@ -1,4 +1,8 @@
-"""Two queued experiments run in parallel and both land in the same SQLite MLflow store."""
+"""Two queued experiments run in parallel and both create, then write, one new SQLite MLflow store.
+
+The whole pipeline queued side by side, through the registry's gate, is tests/test_tracking.py's
+``exp_repo``; here the store does not exist yet, so the two trainings race to create it.
+"""
 
 import os
 import subprocess
@@ -21,14 +25,15 @@ def queue_logs(repo, names) -> str:
 
 
 def test_two_queued_experiments_share_one_sqlite_store(baseline, tmp_path, new_mlflow_uri):
-    """Queued from a reproduced workspace: the unchanged stages come from DVC's run-cache, the store is new."""
+    """Queued from a reproduced workspace, up to `train`: the data and classifier come from DVC's run-cache,
+    and the two trainings open a store that neither finds."""
     import mlflow
 
     repo_copy = baseline.copy(tmp_path / "repo")
 
     names = {"0.2": "alpha-02", "0.3": "alpha-03"}
     for alpha, name in names.items():
-        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.alpha={alpha}"], repo_copy)
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.alpha={alpha}", "train"], repo_copy)
     # The workers `dvc queue start` spawns outlive it and may hold on to its output: not a pipe here,
     # or reading the command's output would wait for the workers to exit.
     start = subprocess.run(
@@ -53,17 +58,6 @@ def test_two_queued_experiments_share_one_sqlite_store(baseline, tmp_path, new_m
     assert len(runs) == 2, runs
     assert sorted(runs["params.train.alpha"]) == ["0.2", "0.3"]
     assert set(runs["status"]) == {"FINISHED"}
-    assert runs["metrics.evaluate.fid"].notna().all()  # generate/evaluate reached the same runs
+    assert runs["metrics.train.train_seconds"].notna().all()  # both runs were written to the end
     shown = run(["dvc", "exp", "show", "--json"], repo_copy).stdout
-    assert shown.count("auc_real_vs_noise") >= 2
-    # Both models went through the registry's gate one at a time: two versions, one champion.
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=new_mlflow_uri)
-    versions = client.search_model_versions("name = 'ebm-mnist'")
-    assert sorted(mv.run_id for mv in versions) == sorted(runs["run_id"])
-    assert sorted(str(mv.version) for mv in versions) == ["1", "2"]
-    first = min(versions, key=lambda mv: int(mv.version))
-    assert first.tags["gate.alias"] == "champion" and first.tags["gate.decision"].startswith("first version")
-    champion = client.get_model_version_by_alias("ebm-mnist", "champion")
-    assert champion.tags["gate.alias"] == "champion"
+    assert all(name in shown for name in names.values())
