@@ -145,7 +145,7 @@ def exp_repo(repo) -> Repo:
     )
     assert start.returncode == 0
     try:
-        deadline = time.time() + 480
+        deadline = time.time() + 900
         while True:
             status = run(["dvc", "queue", "status"], repo.path).stdout
             if "Queued" not in status and "Running" not in status:
