@@ -331,7 +331,7 @@ def test_dvc_repro_after_sigkill_resumes_and_matches(reference, tmp_path):
     repo = make_repo(tmp_path / "repo", SLOW)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        ["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ["dvc", "repro", "train"], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     deadline = time.time() + 240
@@ -343,6 +343,7 @@ def test_dvc_repro_after_sigkill_resumes_and_matches(reference, tmp_path):
     proc.wait(timeout=60)
     killed_at = _checkpoint_step(repo)
     assert 0 < killed_at < TOTAL_STEPS
-    out = run(["dvc", "repro"], repo, env={"OMP_NUM_THREADS": "1"}).stdout  # same threads, same chain groups
+    # up to train: the stages after it are not what this test is about
+    out = run(["dvc", "repro", "train"], repo, env={"OMP_NUM_THREADS": "1"}).stdout  # same threads, same chain groups
     assert "resuming from step" in out
     assert _max_diff(_weights(repo), expected) <= 1e-6
