@@ -365,9 +365,12 @@ def test_sigint_to_a_flow_run_lets_training_write_its_checkpoint(prefect_server,
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    # As from a terminal: SIGINT at its default disposition. A suite started in the background by a
+    # non-interactive shell (`make test &`) inherits SIGINT ignored, and Python keeps an ignored SIGINT ignored.
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "flow", "--retries", "0"], cwd=repo, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     try:
