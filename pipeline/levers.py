@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Params
+from pipeline.inputgrad import _backward as layer_input_grad  # the sampler's own kernel call, per layer
 from pipeline.inputgrad import chain_input_grad, layer_chain
 from pipeline.model import IMAGE_SHAPE, EnergyNet
 from pipeline.polyphase import PolyphaseConv2d, polyphase_first_layers
@@ -45,19 +46,13 @@ def _medians(candidates: dict[str, Callable[[], object]], reps: int, repeats: in
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _input_grad(grad_out: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d, weight: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.convolution_backward(
-        grad_out, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation),
-        False, [0, 0], conv.groups, [True, False, False],
-    )[0]
-
-
 def layer_candidates(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Callable[[], object]]:
     """Forward and input-gradient implementations of one convolution at input ``x`` (NCHW, fp32)."""
     conv = copy.deepcopy(conv).requires_grad_(False)
     weight, bias = conv.weight, conv.bias
     grad_out = torch.randn_like(conv(x))
     x_cl, w_cl, g_cl = (t.contiguous(memory_format=torch.channels_last) for t in (x, weight, grad_out))
+    conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
 
     def native(fn: Callable[[], object]) -> Callable[[], object]:
         def call() -> object:
@@ -72,12 +67,11 @@ def layer_candidates(conv: nn.Conv2d, x: torch.Tensor) -> dict[str, Callable[[],
         "forward oneDNN NCHW": fwd(x, weight),
         "forward oneDNN channels-last": fwd(x_cl, w_cl),
         "forward native": native(fwd(x, weight)),
-        "input gradient oneDNN NCHW": lambda: _input_grad(grad_out, x, conv, weight),
-        "input gradient oneDNN channels-last": lambda: _input_grad(g_cl, x_cl, conv, w_cl),
-        "input gradient native": native(lambda: _input_grad(grad_out, x, conv, weight)),
+        "input gradient oneDNN NCHW": lambda: layer_input_grad(conv, x, grad_out),
+        "input gradient oneDNN channels-last": lambda: layer_input_grad(conv_cl, x_cl, g_cl),
+        "input gradient native": native(lambda: layer_input_grad(conv, x, grad_out)),
     }
     if conv.in_channels == 1 and PolyphaseConv2d.supports(conv):
-        conv_cl = copy.deepcopy(conv).to(memory_format=torch.channels_last)
         phases = PolyphaseConv2d(conv_cl)
         candidates["input gradient by phases (channels-last)"] = lambda: phases.input_grad(g_cl)
     return candidates

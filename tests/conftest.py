@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,35 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, check: bool = True, 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_queue(repo: Path, names, timeout: float = 900) -> str:
+    """`dvc queue start -j 2` on the experiments queued in ``repo``, wait until none is queued or running,
+    stop the workers; ``dvc queue status`` at the end, with each experiment's log where one did not succeed."""
+    names = list(names)
+    # The workers `dvc queue start` spawns outlive it and may hold on to its output: not a pipe here,
+    # or reading the command's output would wait for the workers to exit.
+    start = subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"], cwd=repo, timeout=120,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    assert start.returncode == 0
+    try:
+        deadline = time.time() + timeout
+        while True:
+            status = run(["dvc", "queue", "status"], repo).stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            assert time.time() < deadline, status
+            time.sleep(2)
+    finally:
+        run(["dvc", "queue", "stop"], repo, check=False)  # idle workers would linger after the test
+    if status.count("Success") != len(names):
+        for name in names:
+            log = run(["dvc", "queue", "logs", name], repo, check=False)
+            status += f"\n--- dvc queue logs {name}:\n{log.stdout[-3000:]}{log.stderr[-1000:]}"
+    return status
 
 
 def copy_prepared(src: Path, dest: Path, overrides: dict | None = None) -> Path:

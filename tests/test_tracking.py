@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from pipeline import tracking
-from tests.conftest import GIT, ROOT, run, write_params
+from tests.conftest import GIT, ROOT, run, run_queue, write_params
 EXPERIMENT = "ebm-mnist"
 STEP_METRICS = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
 CACHED_OUTS = (
@@ -136,29 +135,8 @@ def exp_repo(repo) -> Repo:
     """
     for key, (param, value) in EXPERIMENTS.items():
         run(["dvc", "exp", "run", "--queue", "-q", "-n", key, "-S", f"{param}={value}"], repo.path)
-    # The workers `dvc queue start` spawns outlive it and may hold on to its output: not a pipe here,
-    # or reading the command's output would wait for the workers to exit.
-    start = subprocess.run(
-        ["dvc", "queue", "start", "-j", "2"], cwd=repo.path, timeout=120,
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    assert start.returncode == 0
-    try:
-        deadline = time.time() + 900
-        while True:
-            status = run(["dvc", "queue", "status"], repo.path).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            assert time.time() < deadline, status
-            time.sleep(2)
-    finally:
-        run(["dvc", "queue", "stop"], repo.path, check=False)  # idle workers would linger after the test
-    logs = "".join(
-        f"\n--- dvc queue logs {key}:\n{run(['dvc', 'queue', 'logs', key], repo.path, check=False).stdout[-3000:]}"
-        for key in EXPERIMENTS
-    ) if status.count("Success") != len(EXPERIMENTS) else ""
-    assert status.count("Success") == len(EXPERIMENTS), status + logs
+    status = run_queue(repo.path, EXPERIMENTS)
+    assert status.count("Success") == len(EXPERIMENTS), status
     for key in EXPERIMENTS:
         rev = run(["git", "rev-parse", f"refs/exps/{repo.baseline_rev[:2]}/{repo.baseline_rev[2:]}/{key}"], repo.path)
         rev = rev.stdout.strip()
