@@ -18,13 +18,16 @@ def score_images(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U / (n_pos n_neg))."""
-    from scipy.stats import rankdata  # here: scipy.stats takes seconds to import, and score needs none of it
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U / (n_pos n_neg)).
 
-    ranks = rankdata(np.concatenate([positive, negative]))
-    n_pos, n_neg = len(positive), len(negative)
-    u = ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    For each positive, the negatives below it count 1 and those equal to it 1/2: two binary
+    searches in the sorted negatives (no scipy.stats, which takes seconds to import).
+    """
+    pos = np.asarray(positive, dtype=np.float64)
+    neg = np.sort(np.asarray(negative, dtype=np.float64))
+    below = np.searchsorted(neg, pos, side="left")
+    not_above = np.searchsorted(neg, pos, side="right")
+    return float((below + not_above).sum() / (2 * len(pos) * len(neg)))
 
 
 def acceptance_threshold(real: np.ndarray, accept_share: float) -> float:

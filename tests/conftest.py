@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import sqlite3
@@ -231,14 +232,29 @@ def baseline(tmp_path_factory) -> Baseline:
 
     Tests work in copies (``baseline.copy(tmp_path / "repo")``) and never in this one. The store
     is the default one (``mlflow.db`` at the repository root), as a user's `make run` leaves it.
+    Under pytest-xdist (``make test`` runs two workers) the first worker that needs it builds it
+    in the session's shared temporary folder, under a file lock, and the others read it.
     """
-    mp = pytest.MonkeyPatch()
-    for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        mp.delenv(var, raising=False)
-    dest = make_repo(tmp_path_factory.mktemp("baseline") / "repo")
-    first = run(["dvc", "repro"], dest)
-    run([*GIT, "add", "-A"], dest)
-    run([*GIT, "commit", "-qm", "baseline"], dest)
-    rev = run(["git", "rev-parse", "HEAD"], dest).stdout.strip()
-    mp.undo()
-    return Baseline(dest, first.stdout, rev)
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # this session's folder, above the workers' own
+    record = shared / "baseline.json"
+    with FileLock(str(shared / "baseline.lock")):
+        if record.is_file():
+            saved = json.loads(record.read_text())
+            return Baseline(Path(saved["path"]), saved["repro_stdout"], saved["rev"])
+        mp = pytest.MonkeyPatch()
+        for var in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+            mp.delenv(var, raising=False)
+        try:
+            dest = make_repo(Path(tempfile.mkdtemp(prefix="baseline-", dir=shared)) / "repo")
+            first = run(["dvc", "repro"], dest)
+            run([*GIT, "add", "-A"], dest)
+            run([*GIT, "commit", "-qm", "baseline"], dest)
+            rev = run(["git", "rev-parse", "HEAD"], dest).stdout.strip()
+        finally:
+            mp.undo()
+        record.write_text(json.dumps({"path": str(dest), "repro_stdout": first.stdout, "rev": rev}))
+        return Baseline(dest, first.stdout, rev)

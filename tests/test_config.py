@@ -33,7 +33,14 @@ def _broken(section, key, value):
     return raw
 
 
-_DELETE = object()
+class _Deleted:
+    """The key is removed from params.yaml (a stable test id, the same in every pytest-xdist worker)."""
+
+    def __repr__(self) -> str:
+        return "<deleted>"
+
+
+_DELETE = _Deleted()
 
 BAD = [
     ("langevin", "step_size", -1.0, "langevin.step_size"),

@@ -38,3 +38,14 @@ def test_roc_auc_and_entropy():
     assert roc_auc(np.array([0.0]), np.array([0.0])) == 0.5
     assert normalised_entropy(np.arange(10)) == pytest.approx(1.0)
     assert normalised_entropy(np.zeros(50, dtype=int)) == 0.0
+
+
+def test_roc_auc_is_mann_whitney_u_over_the_pairs_with_ties():
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(2)
+    pos = rng.integers(0, 6, size=37).astype(float)  # few values: many ties within and across the groups
+    neg = rng.integers(0, 5, size=23).astype(float)
+    u = mannwhitneyu(pos, neg, alternative="two-sided").statistic  # U of the first sample
+    assert roc_auc(pos, neg) == pytest.approx(u / (37 * 23), abs=1e-12)
+    assert roc_auc(neg, pos) == pytest.approx(1 - u / (37 * 23), abs=1e-12)
