@@ -16,7 +16,7 @@ def test_repository_params_load_and_flatten():
     assert flat["langevin.step_size"] == 10.0 and flat["train.alpha"] == 0.1
     assert flat["buffer.size"] == 8192 and flat["buffer.reinit_prob"] == 0.05
     assert flat["langevin.steps"] == 60 and flat["langevin.noise"] == 0.005 and flat["langevin.grad_clip"] == 0.03
-    assert flat["train.batch_size"] == 128 and flat["train.lr"] == 1e-3 and flat["train.epochs"] == 30
+    assert flat["train.batch_size"] == 128 and flat["train.lr"] == 2e-3 and flat["train.epochs"] == 30
     # the values the README's results depend on, beyond the book's
     assert flat["train.ema_decay"] == 0.999 and flat["generate.step_size"] == 25.0
     assert flat["langevin.precision"] == "auto"
