@@ -25,7 +25,7 @@ run: setup
 	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc metrics show
 
 # The suite on one pytest-xdist worker per core (at most 4), a test file to a worker: most tests wait on
-# single-threaded subprocesses (DVC, MLflow, Prefect start-up), so two workers nearly halve the time on 2 cores.
+# single-threaded subprocesses (DVC, MLflow, Prefect start-up), so two workers cut the time by a third on 2 cores.
 TEST_WORKERS ?= auto
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile
