@@ -19,6 +19,12 @@ class ReplayBuffer:
     ``reinit_prob`` (so the fresh count is Binomial(n, reinit_prob)), otherwise a uniformly
     drawn stored image. ``push(x)`` writes new samples over the oldest ones, as the book's
     "prepend and truncate" does. The draw needs no host synchronisation.
+
+    ``augment_prob`` > 0 shifts that share of the stored images drawn by up to ``augment_shift``
+    pixels along each axis (uniform, independently), filling the uncovered border with the
+    background value -1: the chains then go on from moved digits, which helps them leave a mode
+    (Du et al. 2021 augment their buffer samples). At 0 the draw is the plain one, random numbers
+    included.
     """
 
     def __init__(
@@ -27,10 +33,15 @@ class ReplayBuffer:
         image_shape: tuple[int, ...],
         reinit_prob: float,
         device: torch.device | str = "cpu",
+        *,
+        augment_prob: float = 0.0,
+        augment_shift: int = 0,
     ) -> None:
         self.size = size
         self.image_shape = tuple(image_shape)
         self.reinit_prob = reinit_prob
+        self.augment_prob = augment_prob if augment_shift > 0 else 0.0
+        self.augment_shift = augment_shift
         self.device = torch.device(device)
         self.storage = torch.empty((size, *self.image_shape), device=self.device)
         self.fill = 0  # number of valid images
@@ -46,7 +57,24 @@ class ReplayBuffer:
         idx = torch.randint(0, self.fill, (n,), generator=generator, device=self.device)
         reinit = torch.rand(n, generator=generator, device=self.device) < self.reinit_prob  # (n,)
         reinit = reinit.view(n, *([1] * len(self.image_shape)))
-        return torch.where(reinit, fresh, self.storage[idx])
+        stored = self.storage[idx]
+        if self.augment_prob > 0:
+            stored = self._shift_some(stored, generator)
+        return torch.where(reinit, fresh, stored)
+
+    def _shift_some(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Shift a random ``augment_prob`` share of ``x`` (N, C, H, W) by up to ``augment_shift`` pixels."""
+        n, s = x.shape[0], self.augment_shift
+        height, width = x.shape[-2:]
+        offsets = torch.randint(-s, s + 1, (2, n), generator=generator, device=x.device)
+        chosen = torch.rand(n, generator=generator, device=x.device) < self.augment_prob
+        offsets = offsets * chosen  # the others move by (0, 0)
+        padded = torch.nn.functional.pad(x, (s, s, s, s), value=-1.0)
+        rows = (s - offsets[0]).view(n, 1) + torch.arange(height, device=x.device)  # (N, H): source row per output row
+        cols = (s - offsets[1]).view(n, 1) + torch.arange(width, device=x.device)
+        batch = torch.arange(n, device=x.device).view(n, 1, 1)
+        out = padded.movedim(1, -1)[batch, rows.view(n, height, 1), cols.view(n, 1, width)]  # (N, H, W, C)
+        return out.movedim(-1, 1).contiguous()
 
     def push(self, x: torch.Tensor) -> None:
         x = x.detach()

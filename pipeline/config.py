@@ -116,12 +116,18 @@ class LangevinConfig:
 class BufferConfig:
     size: int = 8192
     reinit_prob: float = 0.05
+    augment_prob: float = 0.0  # share of the stored images drawn that are shifted before their chains go on
+    augment_shift: int = 2  # the largest shift, in pixels along each axis (Du et al. 2021: augmented buffer samples)
 
     def validate(self, section: str) -> None:
         if self.size < 1:
             raise _allowed(f"{section}.size", self.size, "an integer >= 1")
         if not 0.0 <= self.reinit_prob <= 1.0:
             raise _allowed(f"{section}.reinit_prob", self.reinit_prob, "a number in [0, 1]")
+        if not 0.0 <= self.augment_prob <= 1.0:
+            raise _allowed(f"{section}.augment_prob", self.augment_prob, "a number in [0, 1]")
+        if not 0 <= self.augment_shift <= 8:
+            raise _allowed(f"{section}.augment_shift", self.augment_shift, "an integer in [0, 8]")
 
 
 @dataclass(frozen=True)

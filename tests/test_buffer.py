@@ -50,3 +50,50 @@ def test_state_dict_round_trip():
     other.load_state_dict(buf.state_dict())
     assert len(other) == 5 and other.ptr == buf.ptr
     assert torch.equal(other.storage, buf.storage)
+
+
+def _translated(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` (C, H, W) moved by (dy, dx) pixels, the uncovered border at the background -1."""
+    out = torch.full_like(image, -1.0)
+    h, w = image.shape[-2:]
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return out
+
+
+def test_augmented_draws_are_shifted_copies_of_stored_images():
+    torch.manual_seed(0)
+    stored = torch.rand(8, 1, 10, 10) * 2 - 1
+    buf = ReplayBuffer(8, (1, 10, 10), reinit_prob=0.0, augment_prob=1.0, augment_shift=2)
+    buf.push(stored)
+    x = buf.sample(200, torch.Generator().manual_seed(1))
+    shifts = set()
+    for image in x:
+        matches = [
+            (dy, dx)
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+            for source in stored
+            if torch.equal(image, _translated(source, dy, dx))
+        ]
+        assert matches, "a draw is no shifted copy of a stored image"
+        shifts.add(matches[0])
+    assert len(shifts) >= 20  # of the 25 shifts, nearly all occur in 200 draws
+
+
+def test_augment_share_and_off_switch():
+    stored = torch.rand(64, 1, 8, 8) * 2 - 1
+    plain = ReplayBuffer(64, (1, 8, 8), reinit_prob=0.1)
+    off = ReplayBuffer(64, (1, 8, 8), reinit_prob=0.1, augment_prob=0.0, augment_shift=2)
+    half = ReplayBuffer(64, (1, 8, 8), reinit_prob=0.0, augment_prob=0.5, augment_shift=3)
+    for buf in (plain, off, half):
+        buf.push(stored)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(plain.sample(32, g1), off.sample(32, g2))  # off: the plain draw, random numbers included
+    assert torch.equal(g1.get_state(), g2.get_state())
+    g = torch.Generator().manual_seed(4)
+    x = half.sample(4000, g)
+    unmoved = sum(bool((image == stored).flatten(1).all(1).any()) for image in x)
+    # moved by (0, 0) also when chosen (1 in 49); Binomial sd of the share about 0.008
+    assert abs(unmoved / 4000 - (0.5 + 0.5 / 49)) < 0.035

@@ -15,6 +15,7 @@ def test_repository_params_load_and_flatten():
     flat = params.flat()
     assert flat["langevin.step_size"] == 10.0 and flat["train.alpha"] == 0.1
     assert flat["buffer.size"] == 8192 and flat["buffer.reinit_prob"] == 0.05
+    assert flat["buffer.augment_prob"] == 0.0  # the default draws as the book does
     assert flat["langevin.steps"] == 60 and flat["langevin.noise"] == 0.005 and flat["langevin.grad_clip"] == 0.03
     assert flat["train.batch_size"] == 128 and flat["train.lr"] == 2e-3 and flat["train.epochs"] == 30
     # the values the README's results depend on, beyond the book's
@@ -49,6 +50,9 @@ BAD = [
     ("buffer", "reinit_prob", 1.5, "buffer.reinit_prob"),
     ("buffer", "reinit_prob", -0.1, "buffer.reinit_prob"),
     ("buffer", "size", 8, "buffer.size"),  # smaller than the batch (16)
+    ("buffer", "augment_prob", 1.2, "buffer.augment_prob"),
+    ("buffer", "augment_shift", 9, "buffer.augment_shift"),
+    ("buffer", "augment_shift", 1.5, "buffer.augment_shift"),
     ("train", "lr", "fast", "train.lr"),
     ("train", "epochs", 2.5, "train.epochs"),
     ("train", "beta1", 1.0, "train.beta1"),
