@@ -152,7 +152,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     # (2) the project's trainer step
     model = EnergyNet.from_config(params.model).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-    buffer = ReplayBuffer(bcfg.size, IMAGE_SHAPE, bcfg.reinit_prob, device)
+    buffer = ReplayBuffer.from_config(bcfg, IMAGE_SHAPE, device)
     buffer.push(filled)
     generator = torch.Generator(device=device).manual_seed(0)
     score_fn = score_in_precision(model, precision)

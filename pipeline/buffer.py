@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from pipeline.config import BufferConfig
+
 
 def uniform_noise(n: int, shape: tuple[int, ...], *, device: torch.device | str, generator: torch.Generator | None):
     """n images of uniform noise in [-1, 1]."""
@@ -46,6 +48,14 @@ class ReplayBuffer:
         self.storage = torch.empty((size, *self.image_shape), device=self.device)
         self.fill = 0  # number of valid images
         self.ptr = 0  # next slot to overwrite
+
+    @classmethod
+    def from_config(cls, cfg: BufferConfig, image_shape: tuple[int, ...], device: torch.device | str) -> "ReplayBuffer":
+        """The buffer a ``buffer`` params section describes (the trainer's, and the benchmark's)."""
+        return cls(
+            cfg.size, image_shape, cfg.reinit_prob, device,
+            augment_prob=cfg.augment_prob, augment_shift=cfg.augment_shift,
+        )
 
     def __len__(self) -> int:
         return self.fill

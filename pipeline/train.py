@@ -165,10 +165,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2)
         )
-        self.buffer = ReplayBuffer(
-            params.buffer.size, IMAGE_SHAPE, params.buffer.reinit_prob, device,
-            augment_prob=params.buffer.augment_prob, augment_shift=params.buffer.augment_shift,
-        )
+        self.buffer = ReplayBuffer.from_config(params.buffer, IMAGE_SHAPE, device)
         self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed + dist.rank)
         # The sampler's arithmetic: `auto` is bf16 only where the hardware runs it natively.
         self.precision = resolve_precision(params.langevin.precision, device)

@@ -97,3 +97,11 @@ def test_augment_share_and_off_switch():
     unmoved = sum(bool((image == stored).flatten(1).all(1).any()) for image in x)
     # moved by (0, 0) also when chosen (1 in 49); Binomial sd of the share about 0.008
     assert abs(unmoved / 4000 - (0.5 + 0.5 / 49)) < 0.035
+
+
+def test_from_config_carries_every_buffer_param():
+    from pipeline.config import BufferConfig
+
+    buf = ReplayBuffer.from_config(BufferConfig(size=32, reinit_prob=0.2, augment_prob=0.3, augment_shift=1), (1, 4, 4), "cpu")
+    assert (buf.size, buf.reinit_prob, buf.augment_prob, buf.augment_shift) == (32, 0.2, 0.3, 1)
+    assert buf.storage.shape == (32, 1, 4, 4)
