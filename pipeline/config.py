@@ -144,6 +144,10 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine (from lr down to lr * lr_final_factor at the last step)
     lr_final_factor: float = 0.1
     ema_decay: float = 0.0  # exponential moving average of the weights, used for sampling; 0 disables it
+    kl_weight: float = 0.0  # weight of the sampler's KL term (Du et al. 2021); 0 disables it
+    kl_repel: float = 0.0  # weight of its nearest-neighbour entropy (samples pushed apart); needs kl_weight > 0
+    kl_chains: int = 32  # chains the KL term differentiates through (at most the batch)
+    kl_compare: int = 100  # earlier samples from the buffer the entropy measures distances to
     log_every: int = 10
     sample_every: int = 200  # steps between buffer-sample grids in MLflow; 0 disables them
     checkpoint_every: int = 100
@@ -152,7 +156,7 @@ class TrainConfig:
     max_rollbacks: int = 3
 
     def validate(self, section: str) -> None:
-        positive_ints = ("epochs", "batch_size", "log_every", "checkpoint_every")
+        positive_ints = ("epochs", "batch_size", "log_every", "checkpoint_every", "kl_chains", "kl_compare")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
@@ -161,9 +165,11 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "a number in [0, 1)")
-        for name in ("alpha", "real_noise", "weight_grad_clip"):
+        for name in ("alpha", "real_noise", "weight_grad_clip", "kl_weight", "kl_repel"):
             if getattr(self, name) < 0:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "a number >= 0")
+        if self.kl_repel > 0 and self.kl_weight == 0:
+            raise _allowed(f"{section}.kl_repel", self.kl_repel, "0 while train.kl_weight is 0 (the entropy is part of the KL term)")
         if self.lr_schedule not in ("constant", "cosine"):
             raise _allowed(f"{section}.lr_schedule", self.lr_schedule, "one of constant, cosine")
         if not 0.0 < self.lr_final_factor <= 1.0:

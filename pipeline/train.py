@@ -31,12 +31,12 @@ from pipeline.config import LangevinConfig, Params, TrainConfig
 from pipeline.data import DataError
 from pipeline.distributed import SINGLE, Dist
 from pipeline.langevin import sample, score_in_precision
-from pipeline.losses import contrastive_divergence
+from pipeline.losses import contrastive_divergence, sampler_kl
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
 from pipeline.progress import Progress
 from pipeline.runtime import resolve_precision
 
-LOGGED = ("loss", "cdiv", "reg", "real_score", "fake_score", "grad_norm", "buffer_fill")
+LOGGED = ("loss", "cdiv", "reg", "kl", "repel_entropy", "real_score", "fake_score", "grad_norm", "buffer_fill")
 SHOWN = (("loss", "loss"), ("real_score", "real score"), ("fake_score", "fake score"))  # in progress lines
 
 
@@ -89,10 +89,21 @@ def cd_step(
         sync()  # a low-precision copy of the weights follows the last optimizer step
     with frozen(model):  # important: Langevin must not touch the weights' gradients
         fake, _ = sample(score_fn, x0, langevin_cfg, generator=generator)
+    compare = None
+    if train_cfg.kl_weight > 0 and train_cfg.kl_repel > 0 and len(buffer) > 0:  # earlier samples, drawn before the push
+        compare = buffer.images()[torch.randint(0, len(buffer), (train_cfg.kl_compare,), generator=generator, device=real.device)]
     buffer.push(fake)
     scores = model(torch.cat([real, fake]))  # (2n,): split by count, never by halves of a short batch
     real_scores, fake_scores = scores[:n], scores[n:]
     loss, stats = contrastive_divergence(real_scores, fake_scores, train_cfg.alpha)
+    if train_cfg.kl_weight > 0:
+        kl_loss, kl_stats = sampler_kl(
+            getattr(model, "module", model), fake[: train_cfg.kl_chains],
+            step_size=langevin_cfg.step_size, grad_clip=langevin_cfg.grad_clip, compare=compare, repel=train_cfg.kl_repel,
+        )
+        loss = loss + train_cfg.kl_weight * kl_loss
+        stats.update(kl_stats)
+        stats["loss"] = loss.detach()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     max_norm = train_cfg.weight_grad_clip if train_cfg.weight_grad_clip > 0 else math.inf

@@ -16,6 +16,7 @@ def test_repository_params_load_and_flatten():
     assert flat["langevin.step_size"] == 10.0 and flat["train.alpha"] == 0.1
     assert flat["buffer.size"] == 8192 and flat["buffer.reinit_prob"] == 0.05
     assert flat["buffer.augment_prob"] == 0.0  # the default draws as the book does
+    assert flat["train.kl_weight"] == 0.0 and flat["train.kl_repel"] == 0.0  # and trains on the plain CD loss
     assert flat["langevin.steps"] == 60 and flat["langevin.noise"] == 0.005 and flat["langevin.grad_clip"] == 0.03
     assert flat["train.batch_size"] == 128 and flat["train.lr"] == 2e-3 and flat["train.epochs"] == 30
     # the values the README's results depend on, beyond the book's
@@ -58,6 +59,9 @@ BAD = [
     ("train", "beta1", 1.0, "train.beta1"),
     ("train", "alpha", _DELETE, "train.alpha"),
     ("train", "alhpa", 0.1, "train.alhpa"),
+    ("train", "kl_weight", -1.0, "train.kl_weight"),
+    ("train", "kl_repel", 0.3, "train.kl_repel"),  # the entropy without the KL term it belongs to
+    ("train", "kl_chains", 0, "train.kl_chains"),
     ("data", "source", "cifar", "data.source"),
     ("runtime", "device", "tpu", "runtime.device"),
     ("runtime", "progress_seconds", -1, "runtime.progress_seconds"),
