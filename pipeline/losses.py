@@ -1,9 +1,7 @@
 """The training losses: contrastive divergence with a score-magnitude regulariser (pure tensors in,
-tensors out), and the sampler's KL term, which takes the model as a callable."""
+tensors out), and the sampler's KL term, which takes the network and calls it."""
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -32,7 +30,7 @@ def contrastive_divergence(
 
 
 def sampler_kl(
-    model: Callable[[torch.Tensor], torch.Tensor],
+    model: torch.nn.Module,
     x: torch.Tensor,
     *,
     step_size: float,
@@ -49,7 +47,8 @@ def sampler_kl(
     nearest-neighbour entropy estimate (the mean log distance of each moved image to its nearest
     image in ``compare``, earlier samples). Minimising it trains the weights so that a step of the
     sampler climbs the score and spreads the samples apart; its gradient reaches the weights only
-    through the step. ``model`` is the network with trainable weights (an ``nn.Module``).
+    through the step. ``model`` is the network with trainable weights, called as a function of
+    the images.
     """
     x = x.detach().requires_grad_(True)
     grad = torch.autograd.grad(model(x).sum(), x, create_graph=True)[0]
