@@ -27,6 +27,12 @@ class ReplayBuffer:
     background value -1: the chains then go on from moved digits, which helps them leave a mode
     (Du et al. 2021 augment their buffer samples). At 0 the draw is the plain one, random numbers
     included.
+
+    ``policy="reservoir"`` keeps instead a uniform random sample of every image ever pushed
+    (reservoir sampling, as Du et al. 2021's buffer): once full, the t-th image pushed (0-based)
+    takes a uniformly chosen slot with probability size / (t + 1), so samples from every stage of
+    training stay in the draw. Its push draws random numbers from the generator it is given and
+    waits for the host once (to resolve slots chosen twice in one push: the later image wins).
     """
 
     def __init__(
@@ -38,7 +44,11 @@ class ReplayBuffer:
         *,
         augment_prob: float = 0.0,
         augment_shift: int = 0,
+        policy: str = "fifo",
     ) -> None:
+        if policy not in ("fifo", "reservoir"):
+            raise ValueError(f"replay buffer policy {policy!r}: expected fifo or reservoir")
+        self.policy = policy
         self.size = size
         self.image_shape = tuple(image_shape)
         self.reinit_prob = reinit_prob
@@ -47,14 +57,15 @@ class ReplayBuffer:
         self.device = torch.device(device)
         self.storage = torch.empty((size, *self.image_shape), device=self.device)
         self.fill = 0  # number of valid images
-        self.ptr = 0  # next slot to overwrite
+        self.ptr = 0  # next slot to overwrite (fifo)
+        self.seen = 0  # images pushed so far (reservoir)
 
     @classmethod
     def from_config(cls, cfg: BufferConfig, image_shape: tuple[int, ...], device: torch.device | str) -> "ReplayBuffer":
         """The buffer a ``buffer`` params section describes (the trainer's, and the benchmark's)."""
         return cls(
             cfg.size, image_shape, cfg.reinit_prob, device,
-            augment_prob=cfg.augment_prob, augment_shift=cfg.augment_shift,
+            augment_prob=cfg.augment_prob, augment_shift=cfg.augment_shift, policy=cfg.policy,
         )
 
     def __len__(self) -> int:
@@ -86,8 +97,12 @@ class ReplayBuffer:
         out = padded.movedim(1, -1)[batch, rows.view(n, height, 1), cols.view(n, 1, width)]  # (N, H, W, C)
         return out.movedim(-1, 1).contiguous()
 
-    def push(self, x: torch.Tensor) -> None:
+    def push(self, x: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Store ``x`` (N, C, H, W): over the oldest images (fifo), or by reservoir sampling."""
         x = x.detach()
+        if self.policy == "reservoir":
+            self._push_reservoir(x, generator)
+            return
         n = x.shape[0]
         if n >= self.size:  # only the newest ``size`` survive
             self.storage.copy_(x[-self.size :])
@@ -103,8 +118,22 @@ class ReplayBuffer:
         self.ptr = end % self.size
         self.fill = min(self.fill + n, self.size)
 
+    def _push_reservoir(self, x: torch.Tensor, generator: torch.Generator | None) -> None:
+        n = x.shape[0]
+        t = self.seen + torch.arange(n, device=self.device)  # how many were pushed before each image
+        slot = (torch.rand(n, generator=generator, device=self.device) * (t + 1)).long().clamp_(max=t)
+        slot = torch.where(t < self.size, t, slot)  # the first ``size`` images fill the buffer in order
+        kept = slot < self.size
+        order = torch.arange(n, device=self.device)
+        last = torch.full((self.size,), -1, dtype=torch.long, device=self.device)
+        last.scatter_reduce_(0, slot[kept], order[kept], reduce="amax")  # a slot chosen twice keeps the later image
+        slots = (last >= 0).nonzero().squeeze(1)
+        self.storage[slots] = x[last[slots]]
+        self.seen += n
+        self.fill = min(self.seen, self.size)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"storage": self.storage.detach().cpu().clone(), "fill": self.fill, "ptr": self.ptr}
+        return {"storage": self.storage.detach().cpu().clone(), "fill": self.fill, "ptr": self.ptr, "seen": self.seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         storage = state["storage"]
@@ -115,6 +144,7 @@ class ReplayBuffer:
             )
         self.storage.copy_(storage.to(self.device))
         self.fill, self.ptr = int(state["fill"]), int(state["ptr"])
+        self.seen = int(state.get("seen", self.fill))  # checkpoints before the reservoir policy: as many as stored
 
     def images(self) -> torch.Tensor:
         """The valid stored images (a view)."""

@@ -118,8 +118,11 @@ class BufferConfig:
     reinit_prob: float = 0.05
     augment_prob: float = 0.0  # share of the stored images drawn that are shifted before their chains go on
     augment_shift: int = 2  # the largest shift, in pixels along each axis (Du et al. 2021: augmented buffer samples)
+    policy: str = "fifo"  # fifo: new samples replace the oldest | reservoir: a uniform sample of every one pushed
 
     def validate(self, section: str) -> None:
+        if self.policy not in ("fifo", "reservoir"):
+            raise _allowed(f"{section}.policy", self.policy, "one of fifo, reservoir")
         if self.size < 1:
             raise _allowed(f"{section}.size", self.size, "an integer >= 1")
         if not 0.0 <= self.reinit_prob <= 1.0:

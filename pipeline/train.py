@@ -92,7 +92,7 @@ def cd_step(
     compare = None
     if train_cfg.kl_weight > 0 and train_cfg.kl_repel > 0 and len(buffer) > 0:  # earlier samples, drawn before the push
         compare = buffer.images()[torch.randint(0, len(buffer), (train_cfg.kl_compare,), generator=generator, device=real.device)]
-    buffer.push(fake)
+    buffer.push(fake, generator)  # draws random numbers only with the reservoir policy
     scores = model(torch.cat([real, fake]))  # (2n,): split by count, never by halves of a short batch
     real_scores, fake_scores = scores[:n], scores[n:]
     loss, stats = contrastive_divergence(real_scores, fake_scores, train_cfg.alpha)

@@ -105,3 +105,60 @@ def test_from_config_carries_every_buffer_param():
     buf = ReplayBuffer.from_config(BufferConfig(size=32, reinit_prob=0.2, augment_prob=0.3, augment_shift=1), (1, 4, 4), "cpu")
     assert (buf.size, buf.reinit_prob, buf.augment_prob, buf.augment_shift) == (32, 0.2, 0.3, 1)
     assert buf.storage.shape == (32, 1, 4, 4)
+
+
+def test_reservoir_fills_in_order_then_keeps_a_uniform_sample_of_everything_pushed():
+    size, batches, n = 512, 80, 128  # 10,240 images: 20 times the buffer
+    buf = ReplayBuffer(size, (1, 1, 1), reinit_prob=0.0, policy="reservoir")
+    g = torch.Generator().manual_seed(0)
+    buf.push(torch.arange(size, dtype=torch.float32).view(size, 1, 1, 1), g)
+    assert torch.equal(buf.images().flatten(), torch.arange(size, dtype=torch.float32))  # filled in order
+    for b in range(batches):
+        first = size + b * n
+        buf.push(torch.arange(first, first + n, dtype=torch.float32).view(n, 1, 1, 1), g)
+    total = size + batches * n
+    ids = buf.images().flatten()
+    assert len(buf) == size and buf.seen == total
+    assert ids.unique().numel() == size  # each image is stored at most once
+    # A uniform sample of 0 .. total-1: the mean id is total / 2 give or take 5 sd (sd = total / sqrt(12 size));
+    # a fifo buffer would hold only the newest 512, mean total - 256.
+    assert abs(ids.mean().item() - (total - 1) / 2) < 5 * total / (12 * size) ** 0.5
+    assert (ids < size).sum() > 0  # images from the first push are still there
+
+
+def test_reservoir_keeps_each_image_of_one_push_with_probability_size_over_pushed():
+    # Ten images in one push into a buffer of 2 after 2 already stored: every one of the 12 stays with
+    # probability 2/12, however many slots the push chooses twice (the later image wins, as if pushed one by one).
+    g = torch.Generator().manual_seed(1)
+    kept = torch.zeros(12)
+    trials = 3000
+    for _ in range(trials):
+        buf = ReplayBuffer(2, (1, 1, 1), reinit_prob=0.0, policy="reservoir")
+        buf.push(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), g)
+        buf.push(torch.arange(2, 12, dtype=torch.float32).view(10, 1, 1, 1), g)
+        kept[buf.images().flatten().long()] += 1
+    expected = trials * 2 / 12  # 500, sd about 20
+    assert torch.all((kept - expected).abs() < 5 * (trials * (2 / 12) * (10 / 12)) ** 0.5), kept
+
+
+def test_reservoir_state_round_trips_and_is_reproducible():
+    def filled(seed):
+        buf = ReplayBuffer(64, (1, 2, 2), reinit_prob=0.05, policy="reservoir")
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(5):
+            buf.push(torch.rand(40, 1, 2, 2, generator=g), g)
+        return buf
+
+    a, b = filled(3), filled(3)
+    assert torch.equal(a.images(), b.images()) and a.seen == b.seen == 200
+    c = ReplayBuffer(64, (1, 2, 2), reinit_prob=0.05, policy="reservoir")
+    c.load_state_dict(a.state_dict())
+    assert torch.equal(c.images(), a.images()) and c.seen == 200 and len(c) == 64
+
+
+def test_fifo_push_draws_no_random_numbers():
+    g = torch.Generator().manual_seed(4)
+    before = g.get_state()
+    buf = ReplayBuffer(8, (1, 1, 1), reinit_prob=0.0)
+    buf.push(torch.zeros(20, 1, 1, 1), g)
+    assert torch.equal(g.get_state(), before)  # the book's buffer: the default's random numbers are unchanged

@@ -16,11 +16,13 @@ def test_repository_params_load_and_flatten():
     assert flat["langevin.step_size"] == 10.0 and flat["train.alpha"] == 0.1
     assert flat["buffer.size"] == 8192 and flat["buffer.reinit_prob"] == 0.05
     assert flat["buffer.augment_prob"] == 0.0  # the default draws as the book does
+    assert flat["buffer.policy"] == "fifo"  # and stores as the book does
     assert flat["train.kl_weight"] == 0.0 and flat["train.kl_repel"] == 0.0  # and trains on the plain CD loss
     assert flat["langevin.steps"] == 60 and flat["langevin.noise"] == 0.005 and flat["langevin.grad_clip"] == 0.03
     assert flat["train.batch_size"] == 128 and flat["train.lr"] == 2e-3 and flat["train.epochs"] == 30
     # the values the README's results depend on, beyond the book's
     assert flat["train.ema_decay"] == 0.999 and flat["generate.step_size"] == 25.0
+    assert flat["train.weight_grad_clip"] == 0.1
     assert flat["langevin.precision"] == "auto"
     assert flat["runtime.device"] == "auto" and flat["runtime.progress_seconds"] == 30.0
     assert isinstance(params, Params)
@@ -54,6 +56,7 @@ BAD = [
     ("buffer", "augment_prob", 1.2, "buffer.augment_prob"),
     ("buffer", "augment_shift", 9, "buffer.augment_shift"),
     ("buffer", "augment_shift", 1.5, "buffer.augment_shift"),
+    ("buffer", "policy", "lifo", "buffer.policy"),
     ("train", "lr", "fast", "train.lr"),
     ("train", "epochs", 2.5, "train.epochs"),
     ("train", "beta1", 1.0, "train.beta1"),
