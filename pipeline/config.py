@@ -151,6 +151,7 @@ class TrainConfig:
     kl_repel: float = 0.0  # weight of its nearest-neighbour entropy (samples pushed apart); needs kl_weight > 0
     kl_chains: int = 32  # chains the KL term differentiates through (at most the batch)
     kl_compare: int = 100  # earlier samples from the buffer the entropy measures distances to
+    spectral_norm: bool = False  # every weight matrix divided by its largest singular value after each update
     log_every: int = 10
     sample_every: int = 200  # steps between buffer-sample grids in MLflow; 0 disables them
     checkpoint_every: int = 100

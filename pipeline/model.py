@@ -44,6 +44,20 @@ class EnergyNet(nn.Module):
         return [*self.features, *self.head]
 
 
+@torch.no_grad()
+def normalize_spectral_(model: EnergyNet) -> None:
+    """Divide each layer's weight, as a matrix (out, in x kernel), by its largest singular value, in place.
+
+    Spectral normalisation (Miyato et al. 2018, as IGEBM's energy networks use it) applied as a projection after
+    each update: the singular value is computed exactly (the matrices are at most 64 x 576), so the network
+    stays a plain ``EnergyNet`` for the sampler, the moving average and the saved model.
+    """
+    for layer in model.layers():
+        weight = getattr(layer, "weight", None)
+        if weight is not None and weight.dim() >= 2:
+            weight.div_(torch.linalg.matrix_norm(weight.flatten(1).float(), ord=2).to(weight.dtype))
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -32,7 +32,7 @@ from pipeline.data import DataError
 from pipeline.distributed import SINGLE, Dist
 from pipeline.langevin import sample, score_in_precision
 from pipeline.losses import contrastive_divergence, sampler_kl
-from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
+from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen, normalize_spectral_
 from pipeline.progress import Progress
 from pipeline.runtime import resolve_precision
 
@@ -110,6 +110,8 @@ def cd_step(
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).detach()
     stats["max_abs_score"] = scores.detach().abs().max()
     optimizer.step()
+    if train_cfg.spectral_norm:
+        normalize_spectral_(getattr(model, "module", model))  # every rank holds the same weights: the same result
     return stats
 
 
@@ -172,6 +174,8 @@ class Trainer:
         dist.check_same(self.fingerprint, "params or training data")
         torch.manual_seed(self.cfg.seed)
         self.model = EnergyNet.from_config(params.model).to(device)
+        if self.cfg.spectral_norm:
+            normalize_spectral_(self.model)  # the first chains already sample the normalised network
         self.step_model = dist.wrap(self.model)  # what the CD loss runs through: DDP under torchrun
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2)

@@ -25,7 +25,7 @@ def test_book_preset_is_a_valid_partial_params_file():
         "langevin.precision": "fp32", "buffer.size": 8192, "buffer.reinit_prob": 0.05, "train.batch_size": 128,
         "train.lr": 1e-4, "train.beta1": 0.9, "train.beta2": 0.999, "train.alpha": 0.1, "train.real_noise": 0.005,
         "train.ema_decay": 0.0, "train.weight_grad_clip": 0.0, "train.lr_schedule": "constant",
-        "buffer.augment_prob": 0.0, "buffer.policy": "fifo", "train.kl_weight": 0.0, "train.kl_repel": 0.0,
+        "buffer.augment_prob": 0.0, "buffer.policy": "fifo", "train.kl_weight": 0.0, "train.kl_repel": 0.0, "train.spectral_norm": False,
         "generate.steps": 1000, "generate.step_size": 10.0,
     }
     assert {k: book[k] for k in expected} == expected

@@ -1,4 +1,4 @@
-"""The recipe's levers beyond the book: learning-rate schedule, an EMA of the weights, the generation step size."""
+"""The recipe's levers beyond the book: learning-rate schedule, an EMA of the weights, spectral normalisation, the generation step size."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_ema_survives_an_interruption_and_resume_exactly(tmp_path):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("lr_schedule", "step"), ("lr_final_factor", 0.0), ("lr_final_factor", 1.5), ("ema_decay", 1.0), ("ema_decay", -0.1)],
+    [("lr_schedule", "step"), ("spectral_norm", "yes"), ("lr_final_factor", 0.0), ("lr_final_factor", 1.5), ("ema_decay", 1.0), ("ema_decay", -0.1)],
 )
 def test_bad_lever_values_are_one_line_errors(key, value):
     with pytest.raises(ConfigError, match=f"train.{key}="):
@@ -128,3 +128,28 @@ def test_generation_uses_its_own_step_size_and_the_sampler_section_for_the_rest(
     x0 = uniform_noise(6, IMAGE_SHAPE, device="cpu", generator=generator)
     training_steps, _ = langevin(model, x0, steps=4, step_size=10.0, noise=0.02, grad_clip=0.05, generator=generator)
     assert not torch.allclose(samples, training_steps)
+
+
+def _singular_values(model):
+    return [
+        torch.linalg.matrix_norm(layer.weight.flatten(1), ord=2).item()
+        for layer in model.layers() if getattr(layer, "weight", None) is not None
+    ]
+
+
+def test_spectral_norm_keeps_every_weight_matrix_at_singular_value_one_through_training(tmp_path):
+    seen = []
+
+    def step_fn(model, optimizer, *args, **kwargs):
+        seen.append(_singular_values(model))  # what the sampler of this step scores with
+        return cd_step(model, optimizer, *args, **kwargs)
+
+    tr = _trainer(tmp_path, step_fn=step_fn, spectral_norm=True, ema_decay=0.9)
+    assert max(abs(v - 1) for v in _singular_values(EnergyNet())) > 0.05  # as built, not normalised
+    tr.fit()
+    assert len(seen) == tr.total_steps == 9
+    for values in [*seen, _singular_values(tr.model)]:  # from the first step to the last update: all ones
+        assert values == pytest.approx([1.0] * 6, abs=1e-5)
+    assert all(v <= 1.0 + 1e-5 for v in _singular_values(tr.ema))  # an average of such matrices stays within
+    assert type(tr.sampling_model()) is EnergyNet  # a plain network for generation and the saved model
+
