@@ -55,7 +55,7 @@ def normalize_spectral_(model: EnergyNet) -> None:
     for layer in model.layers():
         weight = getattr(layer, "weight", None)
         if weight is not None and weight.dim() >= 2:
-            weight.div_(torch.linalg.matrix_norm(weight.flatten(1).float(), ord=2).to(weight.dtype))
+            weight.div_(torch.linalg.matrix_norm(weight.flatten(1), ord=2))
 
 
 def count_parameters(module: nn.Module) -> int:
