@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate import classifier_metrics, normalised_entropy
+from pipeline.evaluate import classifier_metrics, grey_share, normalised_entropy, saturate_to
 from pipeline.fid import fid_from_features
 
 
@@ -83,3 +83,46 @@ def test_confidence_threshold_and_the_common_size_of_unequal_sets():
     assert strict["fid"] == loose["fid"]  # the same generator, the same subsets
     # a subset of 50 from each real set: still far from the samples, still near each other
     assert strict["fid"] > 10 * strict["fid_real_floor"]
+
+
+def test_grey_share_counts_the_pixels_between_ink_and_background():
+    x = torch.tensor([-1.0, 1.0, 0.0, 0.5, -0.95, 0.89, -0.9, 0.9]).view(1, 1, 2, 4)
+    assert grey_share(x) == pytest.approx(3 / 8)  # 0, 0.5 and 0.89; +-0.9 and beyond count as ink or background
+
+
+def test_saturate_to_raises_the_contrast_until_the_grey_share_is_the_target():
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(20, 1, 8, 8, generator=g) * 2 - 1  # grey share 0.9
+    for target in (0.5, 0.2, 0.05):
+        saturated, contrast = saturate_to(real, target)
+        assert contrast > 1.0
+        assert grey_share(saturated) == pytest.approx(target, abs=2 / real.numel())
+        assert torch.equal(saturated, (real * contrast).clamp(-1, 1))
+        assert torch.equal(saturated.sign(), real.sign())  # same strokes, only harder edges
+    same, contrast = saturate_to(real, 0.95)  # already fewer grey pixels than the target: unchanged
+    assert contrast == 1.0 and torch.equal(same, real)
+
+
+def test_the_saturated_floor_is_the_floor_of_real_digits_as_grey_as_the_samples():
+    samples, test, train = _sets()
+    for x, shift in ((samples, 0.0), (test, 0.1), (train, 0.2)):  # soft pixels everywhere but the features
+        x.view(len(x), -1)[:, 4:] = torch.linspace(-0.99, 0.99, 1020) + shift
+    x = samples.view(len(samples), -1)
+    x[:, 4:] = x[:, 4:].sign()  # the samples' background and ink saturated: grey share 0
+    metrics, _ = classifier_metrics(
+        PixelClassifier(), samples, test, train, torch.device("cpu"), 0.9, torch.Generator().manual_seed(0)
+    )
+    assert metrics["grey_share"] == pytest.approx(grey_share(samples)) and metrics["grey_share"] < 0.01
+    assert metrics["grey_share_real"] == pytest.approx(grey_share(test)) and metrics["grey_share_real"] > 0.9
+    saturated, contrast = saturate_to(train, grey_share(samples))
+    assert metrics["saturation_contrast"] == pytest.approx(contrast) and contrast > 1.0
+    expected = fid_from_features(_features(saturated), _features(test))
+    assert metrics["fid_real_saturated"] == pytest.approx(expected, rel=1e-9)
+    assert abs(metrics["fid_real_saturated"] - metrics["fid_real_floor"]) > 1.0  # the features saturated too
+
+    grey_samples, _, _ = _sets()  # samples as grey as the real digits: the saturated floor is the floor
+    metrics, _ = classifier_metrics(
+        PixelClassifier(), grey_samples, test, train, torch.device("cpu"), 0.9, torch.Generator().manual_seed(0)
+    )
+    assert metrics["saturation_contrast"] == 1.0
+    assert metrics["fid_real_saturated"] == pytest.approx(metrics["fid_real_floor"], rel=1e-12)
