@@ -217,6 +217,8 @@ class GenerateConfig:
     batch_size: int = 500
     chain_rows: int = 8
     chain_steps: tuple[int, ...] = (0, 1, 3, 5, 10, 30, 50, 100, 300, 999)
+    final_steps: int = 0  # the last steps of each chain run hotter, with noise final_noise; 0 = off
+    final_noise: float = 0.07
 
     def validate(self, section: str) -> None:
         for name in ("n_samples", "steps", "batch_size", "chain_rows"):
@@ -224,6 +226,10 @@ class GenerateConfig:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
         if self.step_size <= 0:
             raise _allowed(f"{section}.step_size", self.step_size, "a number > 0")
+        if not 0 <= self.final_steps <= self.steps:
+            raise _allowed(f"{section}.final_steps", self.final_steps, f"an integer in [0, steps ({self.steps})]")
+        if self.final_noise < 0:
+            raise _allowed(f"{section}.final_noise", self.final_noise, "a number >= 0")
         if self.chain_rows > self.n_samples:
             raise _allowed(f"{section}.chain_rows", self.chain_rows, f"at most n_samples ({self.n_samples})")
         bad = [s for s in self.chain_steps if not 0 <= s < self.steps]

@@ -24,12 +24,18 @@ def generate_samples(
     """``cfg.n_samples`` images (CPU, (N, 1, 32, 32) in [-1, 1]) and the chain snapshots.
 
     Every chain starts from uniform noise and runs ``cfg.steps`` steps of step size
-    ``cfg.step_size`` with the noise, gradient clip and precision of the ``langevin`` section.
+    ``cfg.step_size`` with the noise, gradient clip and precision of the ``langevin`` section;
+    with ``cfg.final_steps`` > 0 its last ``final_steps`` steps add noise ``cfg.final_noise`` instead,
+    a hotter end (Langevin temperature noise^2 / (2 step size)) that gives the strokes back their soft edges.
     The snapshots hold the first ``cfg.chain_rows`` chains at ``cfg.chain_steps`` (0-based,
     after that step). ``progress`` is a mode of pipeline/progress.py (bar, lines, off; True: bar).
     """
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampler_cfg = dataclasses.replace(langevin_cfg, step_size=cfg.step_size)
+    cool = cfg.steps - cfg.final_steps
+    phases = [(sampler_cfg, 0, cool)] if cool else []  # (sampler params, first step, steps)
+    if cfg.final_steps:
+        phases.append((dataclasses.replace(sampler_cfg, noise=cfg.final_noise), cool, cfg.final_steps))
     score_fn = score_in_precision(model, langevin_cfg.precision)
     model.eval()
     batches = [(i, min(cfg.batch_size, cfg.n_samples - i)) for i in range(0, cfg.n_samples, cfg.batch_size)]
@@ -38,15 +44,14 @@ def generate_samples(
     with frozen(model):
         for start, n in batches:
             x0 = uniform_noise(n, IMAGE_SHAPE, device=device, generator=generator)
-            x, snaps = sample(
-                score_fn,
-                x0,
-                sampler_cfg,
-                steps=cfg.steps,
-                generator=generator,
-                record_at=cfg.chain_steps if start == 0 else (),
-                progress=lambda _step: bar.update(1),
-            )
+            x, snaps = x0, {}
+            for phase_cfg, begin, steps in phases:
+                record = [k - begin for k in cfg.chain_steps if begin <= k < begin + steps] if start == 0 else ()
+                x, phase_snaps = sample(
+                    score_fn, x, phase_cfg, steps=steps, generator=generator, record_at=record,
+                    progress=lambda _step: bar.update(1),
+                )
+                snaps.update({k + begin: v for k, v in phase_snaps.items()})
             out.append(x.cpu())
             if start == 0:
                 snapshots = {k: v[: cfg.chain_rows] for k, v in snaps.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -128,6 +129,49 @@ def test_generation_uses_its_own_step_size_and_the_sampler_section_for_the_rest(
     x0 = uniform_noise(6, IMAGE_SHAPE, device="cpu", generator=generator)
     training_steps, _ = langevin(model, x0, steps=4, step_size=10.0, noise=0.02, grad_clip=0.05, generator=generator)
     assert not torch.allclose(samples, training_steps)
+
+
+def test_a_hot_end_runs_the_last_generation_steps_with_its_own_noise():
+    params = parse_params(
+        tiny_params_dict(
+            {
+                "langevin": {"step_size": 10.0, "noise": 0.02, "grad_clip": 0.05, "precision": "fp32", "workers": 1},
+                "generate": {"step_size": 3.0, "n_samples": 6, "batch_size": 3, "steps": 5, "chain_rows": 2,
+                             "chain_steps": [0, 2, 3, 4], "final_steps": 2, "final_noise": 0.3},
+            }
+        )
+    )
+    torch.manual_seed(0)
+    model = EnergyNet.from_config(params.model)
+    samples, snapshots = generate_samples(model, params.generate, params.langevin, torch.device("cpu"), progress=False)
+
+    generator = torch.Generator().manual_seed(params.generate.seed)
+    expected = []
+    for batch in range(2):
+        x0 = uniform_noise(3, IMAGE_SHAPE, device="cpu", generator=generator)
+        cool, cool_snaps = langevin(model, x0, steps=3, step_size=3.0, noise=0.02, grad_clip=0.05,
+                                    generator=generator, record_at=[0, 2])
+        hot, hot_snaps = langevin(model, cool, steps=2, step_size=3.0, noise=0.3, grad_clip=0.05,
+                                  generator=generator, record_at=[0, 1])
+        expected.append(hot)
+        if batch == 0:  # the snapshots: the first chain_rows chains of the first batch, numbered over both phases
+            for step, snap in {0: cool_snaps[0], 2: cool_snaps[2], 3: hot_snaps[0], 4: hot_snaps[1]}.items():
+                torch.testing.assert_close(snapshots[step], snap[:2])
+    torch.testing.assert_close(samples, torch.cat(expected))
+    assert sorted(snapshots) == [0, 2, 3, 4]
+    torch.testing.assert_close(snapshots[4], samples[:2])
+
+    cold = dataclasses.replace(params.generate, final_noise=0.02)  # the same noise throughout: one chain of 5 steps
+    one_phase = dataclasses.replace(params.generate, final_steps=0)
+    a, _ = generate_samples(model, cold, params.langevin, torch.device("cpu"), progress=False)
+    b, _ = generate_samples(model, one_phase, params.langevin, torch.device("cpu"), progress=False)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("key, value", [("final_steps", -1), ("final_steps", 6), ("final_noise", -0.1)])
+def test_bad_hot_end_values_are_one_line_errors(key, value):
+    with pytest.raises(ConfigError, match=f"generate.{key}="):
+        parse_params(tiny_params_dict({"generate": {"steps": 5, "chain_steps": [0, 4], key: value}}))
 
 
 def _singular_values(model):
