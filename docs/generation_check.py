@@ -1,0 +1,87 @@
+"""Generation settings tried on models already trained: the hot-end table of docs/experiments.md.
+
+    python docs/generation_check.py --recipe default --set final_steps=250 final_noise=0.07
+
+Takes the trained models of a recipe's runs in results/compare.json (`make compare`'s experiments, read from this
+repository's DVC cache), generates from each exactly as the generate stage would with the `generate` section of
+params.yaml changed by --set (and generate.seed = the run's seed, as compare sets it), and scores the samples as
+the evaluate stage does. Without --set it reproduces the runs' own FID, confident share and coverage. No
+training, no DVC experiment, no MLflow run: a way to screen generation settings on several seeds at the cost of
+generation alone. Grids of the first 100 samples go to --grids if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import data  # noqa: E402
+from pipeline.buffer import uniform_noise  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.evaluate import classifier_metrics  # noqa: E402
+from pipeline.figures import save_grid  # noqa: E402
+from pipeline.generate import generate_samples  # noqa: E402
+from pipeline.model import IMAGE_SHAPE  # noqa: E402
+from pipeline.stages.common import load_classifier, load_energy_model  # noqa: E402
+
+
+def cached(md5: str) -> Path:
+    return Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="default")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="generate.KEY values")
+    parser.add_argument("--grids", type=Path, help="folder for a 100-sample grid per seed")
+    args = parser.parse_args()
+    params = load_params("params.yaml")
+    changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    device = torch.device("cpu")
+    test, train = data.load_split("data/prepared/test.pt"), data.load_split("data/prepared/train.pt")
+    runs = [r for r in json.loads(Path("results/compare.json").read_text()) if r["recipe"] == args.recipe]
+    print(f"generate: {changes or 'as params.yaml'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
+    for run in runs:
+        try:
+            lock = yaml.safe_load(
+                subprocess.check_output(["git", "show", f"{run['rev']}:dvc.lock"], stderr=subprocess.DEVNULL)
+            )
+        except subprocess.CalledProcessError:
+            print(f"seed {run['seed']}: experiment commit not found here")
+            continue
+        outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+        model_file, classifier_file = cached(outs["models/ebm.pt"]), cached(outs["models/classifier.pt"])
+        if not (model_file.is_file() and classifier_file.is_file()):
+            print(f"seed {run['seed']}: trained model not in this DVC cache")
+            continue
+        model, _ = load_energy_model(model_file, device)
+        cfg = dataclasses.replace(params.generate, seed=run["seed"], **changes)
+        cfg.validate("generate")
+        samples, _ = generate_samples(model, cfg, params.langevin, device, progress=False)
+        generator = torch.Generator().manual_seed(params.evaluate.seed)  # the evaluate stage's draws, in its order
+        uniform_noise(params.evaluate.n_noise, IMAGE_SHAPE, device="cpu", generator=generator)
+        m, per_digit = classifier_metrics(
+            load_classifier(classifier_file, device), samples, test.images, train.images, device,
+            params.evaluate.confidence, generator,
+        )
+        if args.grids:
+            args.grids.mkdir(parents=True, exist_ok=True)
+            save_grid(samples[:100], args.grids / f"{args.recipe}-seed{run['seed']}.png", title=f"seed {run['seed']}")
+        print(
+            f"seed {run['seed']}: {m['fid']:.1f} / {m['confident_share']:.3f} / {m['coverage_entropy']:.3f}   "
+            f"(run: {run['fid']:.1f} / {run['confident_share']:.3f} / {run['coverage_entropy']:.3f})   "
+            f"per digit {per_digit.tolist()}"
+        )
+
+
+if __name__ == "__main__":
+    main()
