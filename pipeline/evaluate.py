@@ -95,7 +95,8 @@ def classifier_metrics(
     features notice this much more than the classifier's labels do, so ``fid_real_saturated`` gives the FID
     of the same real training digits as the floor, their contrast raised until their grey share is the
     samples' (``saturation_contrast``): the part of ``fid`` that saturation alone explains; the rest is shape
-    and the mix of digits. With as many grey pixels as real digits, it is the floor.
+    and the mix of digits. With as many grey pixels as real digits, it is the floor. Pixel noise counts as
+    grey too: for samples with a grainy background (``generate.final_steps``) both describe the noise, not edges.
     """
     n = min(len(samples), len(real_test), len(real_train))
     test_idx = torch.randperm(len(real_test), generator=generator)[:n]
