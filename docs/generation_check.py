@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,14 +27,11 @@ from pipeline import data  # noqa: E402
 from pipeline.buffer import uniform_noise  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.evaluate import classifier_metrics  # noqa: E402
+from pipeline.experiments import cached_output  # noqa: E402
 from pipeline.figures import save_grid  # noqa: E402
 from pipeline.generate import generate_samples  # noqa: E402
 from pipeline.model import IMAGE_SHAPE  # noqa: E402
 from pipeline.stages.common import load_classifier, load_energy_model  # noqa: E402
-
-
-def cached(md5: str) -> Path:
-    return Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
 
 
 def main() -> None:
@@ -51,16 +47,9 @@ def main() -> None:
     runs = [r for r in json.loads(Path("results/compare.json").read_text()) if r["recipe"] == args.recipe]
     print(f"generate: {changes or 'as params.yaml'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
     for run in runs:
-        try:
-            lock = yaml.safe_load(
-                subprocess.check_output(["git", "show", f"{run['rev']}:dvc.lock"], stderr=subprocess.DEVNULL)
-            )
-        except subprocess.CalledProcessError:
-            print(f"seed {run['seed']}: experiment commit not found here")
-            continue
-        outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
-        model_file, classifier_file = cached(outs["models/ebm.pt"]), cached(outs["models/classifier.pt"])
-        if not (model_file.is_file() and classifier_file.is_file()):
+        model_file = cached_output(Path("."), run["rev"], "models/ebm.pt")
+        classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
+        if model_file is None or classifier_file is None:
             print(f"seed {run['seed']}: trained model not in this DVC cache")
             continue
         model, _ = load_energy_model(model_file, device)

@@ -12,18 +12,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import data  # noqa: E402
 from pipeline.evaluate import classifier_metrics, grey_share  # noqa: E402
+from pipeline.experiments import cached_output  # noqa: E402
 from pipeline.stages.common import load_classifier  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -34,10 +33,6 @@ TRAIN = data.load_split("data/prepared/train.pt")
 def metrics(classifier, images: torch.Tensor) -> dict[str, float]:
     m, _ = classifier_metrics(classifier, images, TEST.images, TRAIN.images, DEVICE, 0.9, torch.Generator().manual_seed(0))
     return m
-
-
-def cached(md5: str) -> Path:
-    return Path(".dvc/cache/files/md5") / md5[:2] / md5[2:]
 
 
 def main() -> None:
@@ -53,15 +48,9 @@ def main() -> None:
     runs = json.loads(Path("results/compare.json").read_text())
     print("\n| recipe | seed | FID | fid_real_saturated | grey share (real 0.080) | confident |\n|---|---|---|---|---|---|")
     for run in runs:
-        try:
-            lock = yaml.safe_load(
-                subprocess.check_output(["git", "show", f"{run['rev']}:dvc.lock"], stderr=subprocess.DEVNULL)
-            )
-            outs = {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
-            samples_file, classifier_file = cached(outs["samples/samples.npy"]), cached(outs["models/classifier.pt"])
-            if not (samples_file.is_file() and classifier_file.is_file()):
-                raise FileNotFoundError(samples_file)
-        except (subprocess.CalledProcessError, KeyError, FileNotFoundError):
+        samples_file = cached_output(Path("."), run["rev"], "samples/samples.npy")
+        classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
+        if samples_file is None or classifier_file is None:
             print(f"| {run['recipe']} | {run['seed']} | {run['fid']:.1f} | (outputs not found here) | | |")
             continue
         m = metrics(load_classifier(classifier_file, DEVICE), torch.from_numpy(np.load(samples_file)))

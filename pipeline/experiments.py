@@ -170,6 +170,23 @@ def _json_object_at(repo: Path, rev: str, path: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def cached_output(repo: Path, rev: str, path: str) -> Path | None:
+    """The file of DVC output ``path`` as commit ``rev``'s dvc.lock records it, in this repository's DVC cache.
+
+    None when ``rev`` has no dvc.lock, the lock names no such output, or the cache does not hold it (another
+    clone's experiment, or a pruned cache).
+    """
+    shown = git(repo, "show", f"{rev}:dvc.lock")
+    if shown.returncode != 0:
+        return None
+    lock = yaml.safe_load(shown.stdout) or {}
+    md5 = {o.get("path"): o.get("md5") for st in lock.get("stages", {}).values() for o in st.get("outs", [])}.get(path)
+    if not md5:
+        return None
+    file = Path(repo) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+    return file if file.is_file() else None
+
+
 def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:
     """Experiment ``name``'s metrics files (path -> values), its MLflow run id and its commit."""
     rev = experiment_rev(repo, name)

@@ -5,7 +5,7 @@ import subprocess
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.experiments import experiment_results, experiment_rev, json_at
+from pipeline.experiments import cached_output, experiment_results, experiment_rev, json_at
 from tests.conftest import write_params
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
@@ -53,6 +53,32 @@ def test_experiment_results_reads_every_metrics_file_of_the_experiment_commit(tm
     }
     assert json_at(repo, exp, f"{d}/missing.json") == {}
     assert experiment_results(repo, params, "exp-b") == ({}, None, None)
+
+
+def test_cached_output_finds_a_commit_s_dvc_output_in_the_cache(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "README").write_text("no lock yet")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "no lock")
+    no_lock = _git(repo, "rev-parse", "HEAD")
+    lock = {"schema": "2.0", "stages": {
+        "train": {"cmd": "x", "outs": [{"path": "models/ebm.pt", "md5": "ab" + "1" * 30, "size": 3}]},
+        "generate": {"cmd": "y", "outs": [{"path": "samples/samples.npy", "md5": "cd" + "2" * 30, "size": 3}]},
+    }}
+    (repo / "dvc.lock").write_text(json.dumps(lock))  # JSON is YAML
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "lock")
+    rev = _git(repo, "rev-parse", "HEAD")
+    cached = repo / ".dvc" / "cache" / "files" / "md5" / "ab" / ("1" * 30)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"pt")
+
+    assert cached_output(repo, rev, "models/ebm.pt") == cached
+    assert cached_output(repo, rev, "samples/samples.npy") is None  # in the lock, not in this cache
+    assert cached_output(repo, rev, "models/other.pt") is None  # not an output
+    assert cached_output(repo, no_lock, "models/ebm.pt") is None  # no dvc.lock in that commit
 
 
 def test_outputs_git_does_not_hold_yet_are_copied_into_the_experiment(tmp_path):
