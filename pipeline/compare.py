@@ -97,7 +97,9 @@ def run_experiment(repo: Path, params: Params, name: str, set_args: list[str]) -
         cwd=repo, env=command_env(), capture_output=True, check=False,
     )
     args = [sys.executable, "-m", "dvc", *exp_run_args(name, set_args, experiment_copy_paths(repo, params))]
-    if subprocess.run(args, cwd=repo, env=command_env(), check=False).returncode != 0:
+    with experiments.git_index_kept(repo, lambda line: print(f"compare: {line}", file=sys.stderr)):
+        code = subprocess.run(args, cwd=repo, env=command_env(), check=False).returncode
+    if code != 0:
         raise CompareError(f"compare: experiment {name} failed (dvc exp run {' '.join(set_args)})")
 
 

@@ -5,10 +5,12 @@ Shared by the Prefect flow (``pipeline/flows.py``) and the recipe comparison (``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,62 @@ def _uncommitted_outputs(repo: Path) -> list[str]:
     )
     others = set(listed.stdout.split("\0")) - {""} if listed.returncode == 0 else set()
     return sorted(path for path in outs if path in others)
+
+
+def _git_index_path(repo: Path) -> Path | None:
+    found = subprocess.run(["git", "rev-parse", "--git-path", "index"], cwd=repo, capture_output=True, text=True)
+    if found.returncode != 0 or not found.stdout.strip():
+        return None
+    path = Path(found.stdout.strip())
+    return path if path.is_absolute() else repo / path
+
+
+def _staged(repo: Path) -> dict[str, str]:
+    """``path -> "mode oid stage"`` of every index entry (what is staged, without the stat cache)."""
+    listed = subprocess.run(["git", "ls-files", "-s", "-z"], cwd=repo, capture_output=True, text=True)
+    out = {}
+    for record in listed.stdout.split("\0"):
+        info, _, path = record.partition("\t")
+        if path:
+            out[path] = info
+    return out
+
+
+@contextlib.contextmanager
+def git_index_kept(repo: Path, warn: Callable[[str], None]) -> Iterator[None]:
+    """Put the git index back, byte for byte, as it was before the block (a ``dvc exp run``).
+
+    ``dvc exp run`` stashes the uncommitted changes, resets the workspace to HEAD and pops the stash
+    (libgit2, in place). When the reset and the pop write a file within the same second and the
+    index is written in a later one, the index records the popped file's timestamps against HEAD's
+    content: git trusts that cache, so a file modified to the same size as HEAD's (a run id, a
+    metric of fixed width) is reported unmodified, and its staged state can change too. The index
+    as it was is right for every file the block did not change and makes git re-read the ones it
+    rewrote. Paths whose staged content differs afterwards are named through ``warn``.
+    """
+    path = _git_index_path(repo)
+    before = path.read_bytes() if path is not None and path.is_file() else None
+    staged = _staged(repo) if before is not None else {}
+    try:
+        yield
+    finally:
+        if before is not None and path is not None and path.read_bytes() != before:
+            now = _staged(repo)
+            changed = sorted(p for p in set(staged) | set(now) if staged.get(p) != now.get(p))
+            lock = path.with_name(path.name + ".lock")
+            try:  # git's own protocol: take index.lock, write it, rename it over the index
+                fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                warn(f"git index not restored after the experiment: {lock} exists (another git command?)")
+            else:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(before)
+                os.replace(lock, path)
+                if changed:
+                    warn(
+                        "the experiment changed what git has staged; restored as before it: "
+                        + ", ".join(changed[:10]) + (f" (+{len(changed) - 10} more)" if len(changed) > 10 else "")
+                    )
 
 
 def git(repo: Path, *args: str) -> subprocess.CompletedProcess:

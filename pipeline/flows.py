@@ -55,6 +55,7 @@ from pipeline.experiments import (  # noqa: E402
     command_env,
     experiment_copy_paths,
     exp_run_args,
+    git_index_kept,
     experiment_results,
     json_at,
     parse_set,
@@ -217,7 +218,8 @@ def run_experiment(repo_dir: str, set_args: list[str], name: str | None, copy_pa
     """``dvc exp run --temp -S k=v ...`` (all stages); returns the experiment's name and stage statuses."""
     logger = get_run_logger()
     args = exp_run_args(name, set_args, copy_paths)
-    result = run_dvc(args, repo_dir, logger.info)
+    with git_index_kept(Path(repo_dir), logger.warning):
+        result = run_dvc(args, repo_dir, logger.info)
     if result.returncode != 0:
         exc = _failure("experiment", args, result)
         logger.error("%s", exc)

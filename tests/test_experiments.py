@@ -1,11 +1,12 @@
 """Reading an experiment back from its git ref (pipeline/experiments.py), on a hand-made repository."""
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.experiments import cached_output, experiment_results, experiment_rev, json_at
+from pipeline.experiments import cached_output, experiment_results, experiment_rev, git_index_kept, json_at
 from tests.conftest import write_params
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
@@ -101,3 +102,51 @@ def test_outputs_git_does_not_hold_yet_are_copied_into_the_experiment(tmp_path):
     copied = experiment_copy_paths(repo, params)
     assert {"metrics/new.json", "metrics/new.md", "dvc.lock"} <= set(copied)
     assert not {"metrics/old.json", "cached.bin", "notes.txt", "metrics/gone.json"} & set(copied)
+
+
+def test_the_git_index_is_put_back_after_an_experiment_so_git_sees_every_change(tmp_path):
+    """What ``dvc exp run``'s stash and pop can leave: index entries with the popped files' timestamps
+    against HEAD's content. A file modified to HEAD's size is then reported unmodified; restored, it is not."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    run_id, staged = repo / "run.json", repo / "staged.txt"
+    run_id.write_text('{"run_id": "aaaa"}\n')
+    staged.write_text("one\n")
+    old = 1_600_000_000
+    for f in (run_id, staged):
+        os.utime(f, (old, old))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "baseline")
+    run_id.write_text('{"run_id": "bbbb"}\n')  # same size, new content: what a new run leaves
+    staged.write_text("two\n")
+    _git(repo, "add", "staged.txt")
+    def status() -> list[str]:  # ctime aside: the pop's in-place write changes it, a timestamp-only cache does not
+        cmd = ["git", "-c", "core.trustctime=false", "status", "--porcelain"]
+        return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout.splitlines()
+
+    before = status()
+    assert before == [" M run.json", "M  staged.txt"]
+    index = Path(_git(repo, "rev-parse", "--absolute-git-dir")) / "index"
+
+    warnings: list[str] = []
+    with git_index_kept(repo, warnings.append):
+        # The reset to HEAD (index refreshed from HEAD's file), then the pop writing in place ...
+        content = run_id.read_bytes()
+        _git(repo, "checkout", "--", "run.json")
+        _git(repo, "reset", "-q", "--", "staged.txt")
+        stamp = run_id.stat().st_mtime_ns
+        with open(run_id, "r+b") as f:
+            f.write(content)
+        os.utime(run_id, ns=(stamp, stamp))
+        # ... and the index written in a later second: git trusts the entry and sees nothing.
+        later = index.stat().st_mtime + 5
+        os.utime(index, (later, later))
+        assert status() == [" M staged.txt"]
+    assert run_id.read_bytes() == content
+    assert status() == before
+    assert warnings == ["the experiment changed what git has staged; restored as before it: staged.txt"]
+
+    with git_index_kept(repo, warnings.append):  # an index the block leaves alone: nothing to say
+        pass
+    assert len(warnings) == 1 and status() == before
