@@ -1,11 +1,11 @@
 """Generation settings tried on models already trained: the hot-end table of docs/experiments.md.
 
-    python docs/generation_check.py --recipe default --set final_steps=250 final_noise=0.07
+    python docs/generation_check.py --recipe cold-end --set final_steps=250 final_noise=0.07
 
 Takes the trained models of a recipe's runs in results/compare.json (`make compare`'s experiments, read from this
-repository's DVC cache), generates from each exactly as the generate stage would with the `generate` section of
-params.yaml changed by --set (and generate.seed = the run's seed, as compare sets it), and scores the samples as
-the evaluate stage does. Without --set it reproduces the runs' own FID, confident share and coverage. No
+repository's DVC cache), generates from each exactly as the run's generate stage did (its own params.yaml, read
+from the experiment's commit), with the `generate` values given by --set, and scores the samples as the
+evaluate stage does. Without --set it reproduces the runs' own FID, confident share and coverage. No
 training, no DVC experiment, no MLflow run: a way to screen generation settings on several seeds at the cost of
 generation alone. Grids of the first 100 samples go to --grids if given.
 """
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import data  # noqa: E402
 from pipeline.buffer import uniform_noise  # noqa: E402
-from pipeline.config import load_params  # noqa: E402
+from pipeline.config import parse_params  # noqa: E402
 from pipeline.evaluate import classifier_metrics  # noqa: E402
-from pipeline.experiments import cached_output  # noqa: E402
+from pipeline.experiments import cached_output, git  # noqa: E402
 from pipeline.figures import save_grid  # noqa: E402
 from pipeline.generate import generate_samples  # noqa: E402
 from pipeline.model import IMAGE_SHAPE  # noqa: E402
@@ -40,13 +40,13 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="generate.KEY values")
     parser.add_argument("--grids", type=Path, help="folder for a 100-sample grid per seed")
     args = parser.parse_args()
-    params = load_params("params.yaml")
     changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     device = torch.device("cpu")
     test, train = data.load_split("data/prepared/test.pt"), data.load_split("data/prepared/train.pt")
     runs = [r for r in json.loads(Path("results/compare.json").read_text()) if r["recipe"] == args.recipe]
-    print(f"generate: {changes or 'as params.yaml'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
+    print(f"generate: {changes or 'as each run'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
     for run in runs:
+        params = parse_params(yaml.safe_load(git(Path("."), "show", f"{run['rev']}:params.yaml").stdout))
         model_file = cached_output(Path("."), run["rev"], "models/ebm.pt")
         classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
         if model_file is None or classifier_file is None:

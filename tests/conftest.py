@@ -37,7 +37,9 @@ TINY = {
         "checkpoint_every": 2,
     },
     "classifier": {"epochs": 1, "batch_size": 32, "feature_dim": 16},
-    "generate": {"n_samples": 24, "steps": 6, "batch_size": 12, "chain_rows": 3, "chain_steps": [0, 1, 5]},
+    "generate": {
+        "n_samples": 24, "steps": 6, "final_steps": 2, "batch_size": 12, "chain_rows": 3, "chain_steps": [0, 1, 5],
+    },
     "evaluate": {"n_noise": 24, "hist_bins": 10},
     "ood": {"n_noise": 24, "hist_bins": 10},
     "restore": {"n_images": 8, "steps": 3, "figure_columns": 4},

@@ -111,7 +111,9 @@ def test_generation_uses_its_own_step_size_and_the_sampler_section_for_the_rest(
         tiny_params_dict(
             {
                 "langevin": {"step_size": 10.0, "noise": 0.02, "grad_clip": 0.05, "precision": "fp32", "workers": 1},
-                "generate": {"step_size": 3.0, "n_samples": 6, "batch_size": 6, "steps": 4, "chain_steps": [0, 3]},
+                "generate": {  # one phase: the hot end is the next test's
+                    "step_size": 3.0, "n_samples": 6, "batch_size": 6, "steps": 4, "chain_steps": [0, 3], "final_steps": 0,
+                },
             }
         )
     )
