@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import data  # noqa: E402
 from pipeline.buffer import uniform_noise  # noqa: E402
-from pipeline.config import parse_params  # noqa: E402
 from pipeline.evaluate import classifier_metrics  # noqa: E402
-from pipeline.experiments import cached_output, git  # noqa: E402
+from pipeline.experiments import cached_output, params_at  # noqa: E402
 from pipeline.figures import save_grid  # noqa: E402
 from pipeline.generate import generate_samples  # noqa: E402
 from pipeline.model import IMAGE_SHAPE  # noqa: E402
@@ -46,7 +45,7 @@ def main() -> None:
     runs = [r for r in json.loads(Path("results/compare.json").read_text()) if r["recipe"] == args.recipe]
     print(f"generate: {changes or 'as each run'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
     for run in runs:
-        params = parse_params(yaml.safe_load(git(Path("."), "show", f"{run['rev']}:params.yaml").stdout))
+        params = params_at(Path("."), run["rev"])
         model_file = cached_output(Path("."), run["rev"], "models/ebm.pt")
         classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
         if model_file is None or classifier_file is None:

@@ -76,6 +76,21 @@ def saturate_to(images: torch.Tensor, target_grey: float) -> tuple[torch.Tensor,
     return (images * contrast).clamp(-1.0, 1.0), contrast
 
 
+def draw_per_class(labels: np.ndarray, counts: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+    """Indices into ``labels``: ``counts[d]`` of the items labelled ``d`` for every class ``d`` (without
+    replacement where there are enough, with replacement where there are fewer; none where there are none)."""
+    picked = []
+    for digit, count in enumerate(counts.tolist()):
+        pool = torch.from_numpy(np.flatnonzero(labels == digit))
+        if count == 0 or len(pool) == 0:
+            continue
+        if len(pool) >= count:
+            picked.append(pool[torch.randperm(len(pool), generator=generator)[:count]])
+        else:
+            picked.append(pool[torch.randint(len(pool), (count,), generator=generator)])
+    return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
+
+
 def classifier_metrics(
     classifier: DigitClassifier,
     samples: torch.Tensor,
@@ -97,6 +112,12 @@ def classifier_metrics(
     samples' (``saturation_contrast``): the part of ``fid`` that saturation alone explains; the rest is shape
     and the mix of digits. With as many grey pixels as real digits, it is the floor. Pixel noise counts as
     grey too: for samples with a grainy background (``generate.final_steps``) both describe the noise, not edges.
+
+    The features cluster by digit, so the proportions of the ten digits move their mean, and the FID, more than
+    any stroke does. ``fid_real_mix`` is the FID of real training digits drawn in the samples' proportions
+    (digits as the classifier labels them, samples and training digits alike): the part of ``fid`` the mix of
+    digits alone explains. ``fid_even_mix`` is the samples' own FID with the mix taken out: the samples
+    resampled to ``n // 10`` of every digit they contain (with replacement for the rarer ones).
     """
     n = min(len(samples), len(real_test), len(real_train))
     test_idx = torch.randperm(len(real_test), generator=generator)[:n]
@@ -121,4 +142,10 @@ def classifier_metrics(
         "saturation_contrast": contrast,
     }
     per_digit = np.bincount(labels, minlength=10)
+    _, p_train_all = predict(classifier, real_train, device)
+    mixed = draw_per_class(p_train_all.argmax(1).numpy(), per_digit, generator)
+    f_mixed, _ = predict(classifier, real_train[mixed], device)
+    even = draw_per_class(labels, np.where(per_digit > 0, n // 10, 0), generator)
+    metrics["fid_real_mix"] = fid_from_features(f_mixed.numpy(), f_test.numpy())
+    metrics["fid_even_mix"] = fid_from_features(f_samples.numpy()[even.numpy()], f_test.numpy())
     return metrics, per_digit

@@ -11,13 +11,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, Params, with_overrides
+from pipeline.config import ConfigError, Params, parse_params, with_overrides
 
 
 def parse_value(raw: str) -> Any:
@@ -226,6 +226,25 @@ def _json_object_at(repo: Path, rev: str, path: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return data if isinstance(data, dict) else None
+
+
+def params_at(repo: Path, rev: str) -> Params:
+    """The params of commit ``rev`` (its params.yaml), with the keys added since at their defaults.
+
+    A key's default (the ``Params`` dataclasses') is the behaviour from before the key existed: every lever
+    is off by default. So the params of an older experiment describe the run it was. Raises ``ConfigError``.
+    """
+    shown = git(repo, "show", f"{rev}:params.yaml")
+    if shown.returncode != 0:
+        raise ConfigError(f"params: no params.yaml in commit {rev}")
+    raw = yaml.safe_load(shown.stdout) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: params.yaml of commit {rev} must hold a mapping of sections")
+    defaults = Params()
+    for section in fields(Params):
+        given = raw.get(section.name)
+        raw[section.name] = {**asdict(getattr(defaults, section.name)), **(given if isinstance(given, dict) else {})}
+    return parse_params(raw)
 
 
 def cached_output(repo: Path, rev: str, path: str) -> Path | None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate import classifier_metrics, grey_share, normalised_entropy, saturate_to
+from pipeline.evaluate import classifier_metrics, draw_per_class, grey_share, normalised_entropy, saturate_to
 from pipeline.fid import fid_from_features
 
 
@@ -126,3 +126,41 @@ def test_the_saturated_floor_is_the_floor_of_real_digits_as_grey_as_the_samples(
     )
     assert metrics["saturation_contrast"] == 1.0
     assert metrics["fid_real_saturated"] == pytest.approx(metrics["fid_real_floor"], rel=1e-12)
+
+
+def _by_class(classes: list[int], offset: float, strength: float) -> torch.Tensor:
+    """Images whose features depend on their class only (plus ``offset``, a shape error): any draw of a class
+    gives the same features, so a mix of digits has one exact feature set."""
+    x = torch.zeros(len(classes), 1, 32, 32)
+    flat = x.view(len(classes), -1)
+    c = torch.tensor(classes, dtype=torch.float32)
+    flat[:, 0], flat[:, 1], flat[:, 2], flat[:, 3] = c + offset, (c - 4.5) ** 2 / 5, c, strength
+    return x
+
+
+def test_the_mix_of_digits_metrics_draw_real_digits_in_the_samples_proportions_and_even_out_the_samples():
+    counts = np.array([12, 3, 0, 9, 6, 0, 0, 2, 4, 4])  # 40 samples, uneven, digits 2, 5 and 6 missing
+    samples = _by_class([d for d, c in enumerate(counts) for _ in range(c)], 0.5, 10.0)
+    test = _by_class([i % 10 for i in range(40)], 0.0, 10.0)
+    train = _by_class([i % 10 for i in range(60)], 0.0, 10.0)  # six of each: digit 0 needs replacement
+    metrics, per_digit = classifier_metrics(
+        PixelClassifier(), samples, test, train, torch.device("cpu"), 0.9, torch.Generator().manual_seed(0)
+    )
+    assert per_digit.tolist() == counts.tolist()
+    f_test = _features(test)
+    real_in_their_mix = _features(_by_class([d for d, c in enumerate(counts) for _ in range(c)], 0.0, 10.0))
+    assert metrics["fid_real_mix"] == pytest.approx(fid_from_features(real_in_their_mix, f_test), rel=1e-9)
+    present = [d for d in range(10) if counts[d] > 0]
+    samples_even = _features(_by_class([d for d in present for _ in range(4)], 0.5, 10.0))  # 40 // 10 each
+    assert metrics["fid_even_mix"] == pytest.approx(fid_from_features(samples_even, f_test), rel=1e-9)
+    # the mix alone costs FID; taking it out of the samples leaves the shape error (and the missing digits)
+    assert metrics["fid_real_mix"] > 1.0 and metrics["fid_even_mix"] < metrics["fid"]
+
+
+def test_draw_per_class_takes_the_counts_from_each_class():
+    labels = np.array([0, 1, 1, 1, 2, 2, 3])
+    picked = draw_per_class(labels, np.array([3, 2, 0, 1, 5]), torch.Generator().manual_seed(0))
+    chosen = labels[picked.numpy()]
+    assert np.bincount(chosen, minlength=5).tolist() == [3, 2, 0, 1, 0]  # class 4 has no items: none drawn
+    assert len(set(picked[chosen == 1].tolist())) == 2  # enough items: no repeats
+    assert set(picked[chosen == 0].tolist()) == {0}  # one item, drawn three times

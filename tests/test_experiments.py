@@ -5,9 +5,19 @@ import os
 import subprocess
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.experiments import cached_output, experiment_results, experiment_rev, git_index_kept, json_at
-from tests.conftest import write_params
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, Params, load_params
+from pipeline.experiments import (
+    cached_output,
+    experiment_results,
+    experiment_rev,
+    git_index_kept,
+    json_at,
+    params_at,
+)
+from tests.conftest import tiny_params_dict, write_params
 
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
 
@@ -150,3 +160,21 @@ def test_the_git_index_is_put_back_after_an_experiment_so_git_sees_every_change(
     with git_index_kept(repo, warnings.append):  # an index the block leaves alone: nothing to say
         pass
     assert len(warnings) == 1 and status() == before
+
+
+def test_params_at_reads_a_commit_s_params_with_the_keys_added_since_at_their_defaults(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    raw = tiny_params_dict({"generate": {"final_steps": 2}, "train": {"lr": 5e-4}})
+    old = {section: dict(values) for section, values in raw.items() if section != "registry"}  # before registry
+    del old["generate"]["final_steps"]  # and before the hot end
+    (repo / "params.yaml").write_text(yaml.safe_dump(old))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "an older version")
+    params = params_at(repo, _git(repo, "rev-parse", "HEAD"))
+    assert params.train.lr == 5e-4 and params.generate.steps == raw["generate"]["steps"]  # the commit's values
+    assert params.generate.final_steps == 0  # missing then: off, as the runs of that commit generated
+    assert params.registry == Params().registry
+    with pytest.raises(ConfigError, match="no params.yaml in commit"):
+        params_at(repo, "0" * 40)

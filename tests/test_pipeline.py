@@ -39,7 +39,7 @@ def test_repro_leaves_samples_figures_and_metrics(repro):
     for key in (
         "score_real", "score_noise", "score_samples", "score_gap_real_noise", "auc_real_vs_noise",
         "fid", "fid_real_floor", "confident_share", "coverage_entropy",
-        "grey_share", "grey_share_real", "fid_real_saturated", "saturation_contrast",
+        "grey_share", "grey_share_real", "fid_real_saturated", "saturation_contrast", "fid_real_mix", "fid_even_mix",
     ):
         assert np.isfinite(metrics[key]), key
     assert 0 <= metrics["auc_real_vs_noise"] <= 1 and 0 <= metrics["coverage_entropy"] <= 1

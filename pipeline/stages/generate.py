@@ -38,6 +38,11 @@ def run(params: Params, progress: str | bool = True) -> dict:
         out / "samples.png",
         nrow=10,
         title=f"{params.generate.steps} Langevin steps of size {params.generate.step_size:g} from noise"
+        + (
+            f" (last {params.generate.final_steps} at noise {params.generate.final_noise:g})"
+            if params.generate.final_steps
+            else ""
+        )
         + (", EMA weights" if blob.get("ema") else ""),
     )
     save_chain(snapshots, out / "chain.png")
