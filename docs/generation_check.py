@@ -38,11 +38,13 @@ def main() -> None:
     parser.add_argument("--recipe", default="default")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="generate.KEY values")
     parser.add_argument("--grids", type=Path, help="folder for a 100-sample grid per seed")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only the runs of these seeds (default: all)")
     args = parser.parse_args()
     changes = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     device = torch.device("cpu")
     test, train = data.load_split("data/prepared/test.pt"), data.load_split("data/prepared/train.pt")
     runs = [r for r in json.loads(Path("results/compare.json").read_text()) if r["recipe"] == args.recipe]
+    runs = [r for r in runs if args.seeds is None or r["seed"] in args.seeds]
     print(f"generate: {changes or 'as each run'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
     for run in runs:
         params = params_at(Path("."), run["rev"])
@@ -67,7 +69,7 @@ def main() -> None:
         print(
             f"seed {run['seed']}: {m['fid']:.1f} / {m['confident_share']:.3f} / {m['coverage_entropy']:.3f}   "
             f"(run: {run['fid']:.1f} / {run['confident_share']:.3f} / {run['coverage_entropy']:.3f})   "
-            f"per digit {per_digit.tolist()}"
+            f"mix: real {m['fid_real_mix']:.1f}, even {m['fid_even_mix']:.1f}   per digit {per_digit.tolist()}"
         )
 
 
