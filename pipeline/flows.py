@@ -55,8 +55,8 @@ from pipeline.experiments import (  # noqa: E402
     command_env,
     experiment_copy_paths,
     exp_run_args,
-    git_index_kept,
     experiment_results,
+    git_index_kept,
     json_at,
     parse_set,
 )
