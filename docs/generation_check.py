@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import data  # noqa: E402
 from pipeline.buffer import uniform_noise  # noqa: E402
 from pipeline.evaluate import classifier_metrics  # noqa: E402
-from pipeline.experiments import cached_output, params_at  # noqa: E402
+from pipeline.experiments import cached_outputs, params_at  # noqa: E402
 from pipeline.figures import save_grid  # noqa: E402
 from pipeline.generate import generate_samples  # noqa: E402
 from pipeline.model import IMAGE_SHAPE  # noqa: E402
@@ -48,11 +48,11 @@ def main() -> None:
     print(f"generate: {changes or 'as each run'}; runs of {args.recipe}: FID / confident / coverage, then the run's own")
     for run in runs:
         params = params_at(Path("."), run["rev"])
-        model_file = cached_output(Path("."), run["rev"], "models/ebm.pt")
-        classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
-        if model_file is None or classifier_file is None:
+        files = cached_outputs(Path("."), run["rev"], "models/ebm.pt", "models/classifier.pt")
+        if files is None:
             print(f"seed {run['seed']}: trained model not in this DVC cache")
             continue
+        model_file, classifier_file = files
         model, _ = load_energy_model(model_file, device)
         cfg = dataclasses.replace(params.generate, seed=run["seed"], **changes)
         cfg.validate("generate")

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import data  # noqa: E402
 from pipeline.buffer import uniform_noise  # noqa: E402
 from pipeline.evaluate import classifier_metrics  # noqa: E402
-from pipeline.experiments import cached_output, params_at  # noqa: E402
+from pipeline.experiments import cached_outputs, params_at  # noqa: E402
 from pipeline.model import IMAGE_SHAPE  # noqa: E402
 from pipeline.stages.common import load_classifier  # noqa: E402
 
@@ -41,11 +41,11 @@ def main() -> None:
     print("| recipe | seed | FID | `fid_real_mix` | `fid_even_mix` | samples per digit 0–9 |\n|---|---|---|---|---|---|")
     found: dict[str, list[dict[str, float]]] = {}
     for run in runs:
-        samples_file = cached_output(Path("."), run["rev"], "samples/samples.npy")
-        classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
-        if samples_file is None or classifier_file is None:
+        files = cached_outputs(Path("."), run["rev"], "samples/samples.npy", "models/classifier.pt")
+        if files is None:
             print(f"| {run['recipe']} | {run['seed']} | {run['fid']:.1f} | (outputs not found here) | | |")
             continue
+        samples_file, classifier_file = files
         params = params_at(Path("."), run["rev"])
         generator = torch.Generator().manual_seed(params.evaluate.seed)  # the evaluate stage's draws, in its order
         uniform_noise(params.evaluate.n_noise, IMAGE_SHAPE, device="cpu", generator=generator)

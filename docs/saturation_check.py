@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import data  # noqa: E402
 from pipeline.evaluate import classifier_metrics, grey_share  # noqa: E402
-from pipeline.experiments import cached_output  # noqa: E402
+from pipeline.experiments import cached_outputs  # noqa: E402
 from pipeline.stages.common import load_classifier  # noqa: E402
 
 DEVICE = torch.device("cpu")
@@ -48,11 +48,11 @@ def main() -> None:
     runs = json.loads(Path("results/compare.json").read_text())
     print("\n| recipe | seed | FID | fid_real_saturated | grey share (real 0.080) | confident |\n|---|---|---|---|---|---|")
     for run in runs:
-        samples_file = cached_output(Path("."), run["rev"], "samples/samples.npy")
-        classifier_file = cached_output(Path("."), run["rev"], "models/classifier.pt")
-        if samples_file is None or classifier_file is None:
+        files = cached_outputs(Path("."), run["rev"], "samples/samples.npy", "models/classifier.pt")
+        if files is None:
             print(f"| {run['recipe']} | {run['seed']} | {run['fid']:.1f} | (outputs not found here) | | |")
             continue
+        samples_file, classifier_file = files
         m = metrics(load_classifier(classifier_file, DEVICE), torch.from_numpy(np.load(samples_file)))
         print(
             f"| {run['recipe']} | {run['seed']} | {m['fid']:.1f} | {m['fid_real_saturated']:.1f} | "

@@ -142,10 +142,9 @@ def classifier_metrics(
         "saturation_contrast": contrast,
     }
     per_digit = np.bincount(labels, minlength=10)
-    _, p_train_all = predict(classifier, real_train, device)
+    f_train_all, p_train_all = predict(classifier, real_train, device)
     mixed = draw_per_class(p_train_all.argmax(1).numpy(), per_digit, generator)
-    f_mixed, _ = predict(classifier, real_train[mixed], device)
     even = draw_per_class(labels, np.where(per_digit > 0, n // 10, 0), generator)
-    metrics["fid_real_mix"] = fid_from_features(f_mixed.numpy(), f_test.numpy())
+    metrics["fid_real_mix"] = fid_from_features(f_train_all.numpy()[mixed.numpy()], f_test.numpy())
     metrics["fid_even_mix"] = fid_from_features(f_samples.numpy()[even.numpy()], f_test.numpy())
     return metrics, per_digit

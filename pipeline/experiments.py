@@ -247,21 +247,31 @@ def params_at(repo: Path, rev: str) -> Params:
     return parse_params(raw)
 
 
-def cached_output(repo: Path, rev: str, path: str) -> Path | None:
-    """The file of DVC output ``path`` as commit ``rev``'s dvc.lock records it, in this repository's DVC cache.
+def cached_outputs(repo: Path, rev: str, *paths: str) -> list[Path] | None:
+    """The files of DVC outputs ``paths`` as commit ``rev``'s dvc.lock records them, in this repository's DVC cache.
 
-    None when ``rev`` has no dvc.lock, the lock names no such output, or the cache does not hold it (another
-    clone's experiment, or a pruned cache).
+    None unless all are there: when ``rev`` has no dvc.lock, the lock names no such output, or the cache does
+    not hold it (another clone's experiment, or a pruned cache).
     """
     shown = git(repo, "show", f"{rev}:dvc.lock")
     if shown.returncode != 0:
         return None
     lock = yaml.safe_load(shown.stdout) or {}
-    md5 = {o.get("path"): o.get("md5") for st in lock.get("stages", {}).values() for o in st.get("outs", [])}.get(path)
-    if not md5:
-        return None
-    file = Path(repo) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-    return file if file.is_file() else None
+    md5s = {o.get("path"): o.get("md5") for st in lock.get("stages", {}).values() for o in st.get("outs", [])}
+    files = []
+    for path in paths:
+        md5 = md5s.get(path)
+        file = Path(repo) / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:] if md5 else None
+        if file is None or not file.is_file():
+            return None
+        files.append(file)
+    return files
+
+
+def cached_output(repo: Path, rev: str, path: str) -> Path | None:
+    """``cached_outputs`` for one output: its file in the cache, or None."""
+    found = cached_outputs(repo, rev, path)
+    return found[0] if found else None
 
 
 def experiment_results(repo: Path, params: Params, name: str) -> tuple[dict[str, Any], str | None, str | None]:

@@ -11,6 +11,7 @@ import yaml
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.experiments import (
     cached_output,
+    cached_outputs,
     experiment_results,
     experiment_rev,
     git_index_kept,
@@ -90,6 +91,8 @@ def test_cached_output_finds_a_commit_s_dvc_output_in_the_cache(tmp_path):
     assert cached_output(repo, rev, "samples/samples.npy") is None  # in the lock, not in this cache
     assert cached_output(repo, rev, "models/other.pt") is None  # not an output
     assert cached_output(repo, no_lock, "models/ebm.pt") is None  # no dvc.lock in that commit
+    assert cached_outputs(repo, rev, "models/ebm.pt", "models/ebm.pt") == [cached, cached]
+    assert cached_outputs(repo, rev, "models/ebm.pt", "samples/samples.npy") is None  # all or none
 
 
 def test_outputs_git_does_not_hold_yet_are_copied_into_the_experiment(tmp_path):
