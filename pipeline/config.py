@@ -152,6 +152,8 @@ class TrainConfig:
     kl_chains: int = 32  # chains the KL term differentiates through (at most the batch)
     kl_compare: int = 100  # earlier samples from the buffer the entropy measures distances to
     spectral_norm: bool = False  # every weight matrix divided by its largest singular value after each update
+    snapshots: int = 0  # sampling weights kept in the model file from the last iterations (the last = the final)
+    snapshot_every: int = 24  # iterations between two kept snapshots
     log_every: int = 10
     sample_every: int = 200  # steps between buffer-sample grids in MLflow; 0 disables them
     checkpoint_every: int = 100
@@ -160,7 +162,9 @@ class TrainConfig:
     max_rollbacks: int = 3
 
     def validate(self, section: str) -> None:
-        positive_ints = ("epochs", "batch_size", "log_every", "checkpoint_every", "kl_chains", "kl_compare")
+        positive_ints = (
+            "epochs", "batch_size", "log_every", "checkpoint_every", "kl_chains", "kl_compare", "snapshot_every"
+        )
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
@@ -190,6 +194,8 @@ class TrainConfig:
             raise _allowed(f"{section}.rollback_lr_factor", self.rollback_lr_factor, "a number in (0, 1)")
         if self.max_rollbacks < 0:
             raise _allowed(f"{section}.max_rollbacks", self.max_rollbacks, "an integer >= 0")
+        if self.snapshots < 0:
+            raise _allowed(f"{section}.snapshots", self.snapshots, "an integer >= 0 (0 = none kept)")
 
 
 @dataclass(frozen=True)
@@ -219,9 +225,10 @@ class GenerateConfig:
     chain_steps: tuple[int, ...] = (0, 1, 3, 5, 10, 30, 50, 100, 300, 999)
     final_steps: int = 0  # the last steps of each chain run hotter, with noise final_noise; 0 = off
     final_noise: float = 0.07
+    snapshots: int = 1  # chains split evenly over the model file's last this many snapshots; 1 = the final weights
 
     def validate(self, section: str) -> None:
-        for name in ("n_samples", "steps", "batch_size", "chain_rows"):
+        for name in ("n_samples", "steps", "batch_size", "chain_rows", "snapshots"):
             if getattr(self, name) < 1:
                 raise _allowed(f"{section}.{name}", getattr(self, name), "an integer >= 1")
         if self.step_size <= 0:
@@ -232,6 +239,12 @@ class GenerateConfig:
             raise _allowed(f"{section}.final_noise", self.final_noise, "a number >= 0")
         if self.chain_rows > self.n_samples:
             raise _allowed(f"{section}.chain_rows", self.chain_rows, f"at most n_samples ({self.n_samples})")
+        if self.chain_rows > self.n_samples // self.snapshots:
+            raise _allowed(
+                f"{section}.snapshots", self.snapshots,
+                f"at most n_samples // chain_rows ({self.n_samples // self.chain_rows}): the chain figure shows the "
+                "final snapshot's chains",
+            )
         bad = [s for s in self.chain_steps if not 0 <= s < self.steps]
         if not self.chain_steps or bad:
             raise _allowed(
@@ -384,6 +397,11 @@ class Params:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        if self.generate.snapshots > max(1, self.train.snapshots):
+            raise _allowed(
+                "generate.snapshots", self.generate.snapshots,
+                f"at most train.snapshots ({self.train.snapshots}), the snapshots the model file keeps",
+            )
         if self.buffer.size < self.train.batch_size:
             raise _allowed(
                 "buffer.size", self.buffer.size, f"at least train.batch_size ({self.train.batch_size})"

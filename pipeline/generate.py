@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -14,7 +15,7 @@ from pipeline.progress import Progress
 
 
 def generate_samples(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Sequence[torch.nn.Module],
     cfg: GenerateConfig,
     langevin_cfg: LangevinConfig,
     device: torch.device,
@@ -29,6 +30,10 @@ def generate_samples(
     a hotter end (Langevin temperature noise^2 / (2 step size)) that gives the strokes back their soft edges.
     The snapshots hold the first ``cfg.chain_rows`` chains at ``cfg.chain_steps`` (0-based,
     after that step). ``progress`` is a mode of pipeline/progress.py (bar, lines, off; True: bar).
+
+    ``model`` may be several networks (snapshots of one training run, generate.snapshots): the chains are split
+    evenly over them, each chain sampling one network, the first network's first (the chain figure's), all from one
+    generator; a single network gives the same samples as a list of it alone.
     """
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampler_cfg = dataclasses.replace(langevin_cfg, step_size=cfg.step_size)
@@ -36,25 +41,32 @@ def generate_samples(
     phases = [(sampler_cfg, 0, cool)] if cool else []  # (sampler params, first step, steps)
     if cfg.final_steps:
         phases.append((dataclasses.replace(sampler_cfg, noise=cfg.final_noise), cool, cfg.final_steps))
-    score_fn = score_in_precision(model, langevin_cfg.precision)
-    model.eval()
-    batches = [(i, min(cfg.batch_size, cfg.n_samples - i)) for i in range(0, cfg.n_samples, cfg.batch_size)]
+    models = [model] if isinstance(model, torch.nn.Module) else list(model)
+    shares = [cfg.n_samples // len(models) + (k < cfg.n_samples % len(models)) for k in range(len(models))]
+    batches = [  # (network, first chain, chains): each network's share of the chains in batches
+        (k, sum(shares[:k]) + i, min(cfg.batch_size, share - i))
+        for k, share in enumerate(shares)
+        for i in range(0, share, cfg.batch_size)
+    ]
     bar = Progress("generate", len(batches) * cfg.steps, mode=progress, interval=progress_seconds, unit="step")
     out, snapshots = [], {}
-    with frozen(model):
-        for start, n in batches:
-            x0 = uniform_noise(n, IMAGE_SHAPE, device=device, generator=generator)
-            x, snaps = x0, {}
-            for phase_cfg, begin, steps in phases:
-                record = [k - begin for k in cfg.chain_steps if begin <= k < begin + steps] if start == 0 else ()
-                x, phase_snaps = sample(
-                    score_fn, x, phase_cfg, steps=steps, generator=generator, record_at=record,
-                    progress=lambda _step: bar.update(1),
-                )
-                snaps.update({k + begin: v for k, v in phase_snaps.items()})
-            out.append(x.cpu())
-            if start == 0:
-                snapshots = {k: v[: cfg.chain_rows] for k, v in snaps.items()}
+    for k, net in enumerate(models):
+        net.eval()
+        score_fn = score_in_precision(net, langevin_cfg.precision)
+        with frozen(net):
+            for start, n in (b[1:] for b in batches if b[0] == k):
+                x0 = uniform_noise(n, IMAGE_SHAPE, device=device, generator=generator)
+                x, snaps = x0, {}
+                for phase_cfg, begin, steps in phases:
+                    record = [s - begin for s in cfg.chain_steps if begin <= s < begin + steps] if start == 0 else ()
+                    x, phase_snaps = sample(
+                        score_fn, x, phase_cfg, steps=steps, generator=generator, record_at=record,
+                        progress=lambda _step: bar.update(1),
+                    )
+                    snaps.update({s + begin: v for s, v in phase_snaps.items()})
+                out.append(x.cpu())
+                if start == 0:
+                    snapshots = {s: v[: cfg.chain_rows] for s, v in snaps.items()}
     bar.close()
     samples = torch.cat(out)
     if len(snapshots) < len(set(cfg.chain_steps)):  # first batch smaller than chain_rows cannot happen (validated)

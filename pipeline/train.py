@@ -194,6 +194,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(self.model.state_dict())
             self.ema.requires_grad_(False)
+        # Copies of the sampling weights over the last iterations (train.snapshots, train.snapshot_every), as
+        # (step, state dict on the CPU): generation can split its chains over them (generate.snapshots).
+        self.snapshots: list[tuple[int, dict[str, torch.Tensor]]] = []
         self._signal: int | None = None
         # Checking the statistics needs a host sync: free on the CPU, so every step there; elsewhere
         # (a GPU) only at log and checkpoint steps, so the device never waits for the host in between.
@@ -221,6 +224,18 @@ class Trainer:
         """The network generation and evaluation use: the EMA when ``train.ema_decay`` > 0."""
         return self.ema if self.ema is not None else self.model
 
+    def snapshot_due(self, done: int) -> bool:
+        """Whether the weights after ``done`` updates are one of the ``train.snapshots`` kept: every
+        ``snapshot_every`` updates back from the last one, which is always kept."""
+        to_go = self.total_steps - done
+        every = self.cfg.snapshot_every
+        return 0 <= to_go < self.cfg.snapshots * every and to_go % every == 0
+
+    @torch.no_grad()
+    def take_snapshot(self, done: int) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in self.sampling_model().state_dict().items()}
+        self.snapshots = [s for s in self.snapshots if s[0] < done] + [(done, state)]
+
     # ------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
@@ -237,6 +252,7 @@ class Trainer:
             "history": self.history,
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
+            "snapshots": self.snapshots,
             "run_id": getattr(self.tracker, "run_id", None),
             "world_size": self.dist.world_size,
         }
@@ -266,6 +282,7 @@ class Trainer:
         self.history = list(state["history"])
         self.rollbacks = int(state["rollbacks"])
         self.lr_scale = float(state["lr_scale"])
+        self.snapshots = [(int(step), weights) for step, weights in state.get("snapshots", [])]
 
     def _read_checkpoint(self) -> dict[str, Any] | None:
         """The checkpoint, if it belongs to this exact configuration and data, with this rank's own states.
@@ -413,6 +430,8 @@ class Trainer:
                         shown = {label: float(stats[key]) for key, label in SHOWN if key in stats}
                 self.update_ema(step)
                 self.step = done
+                if self.snapshot_due(done):
+                    self.take_snapshot(done)
                 bar.update(1, shown)
                 if is_log:
                     row = {"step": done, **{k: values[k] for k in LOGGED if k in values}, "lr": self.lr_at(step)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -45,6 +46,26 @@ def load_energy_model(path: str | Path, device: torch.device) -> tuple[EnergyNet
     model = EnergyNet.from_config(ModelConfig(channels=tuple(cfg["channels"]), hidden=int(cfg["hidden"])))
     model.load_state_dict(blob["model"])
     return model.to(device).eval(), blob
+
+
+def load_snapshots(model: EnergyNet, blob: dict, count: int, path: str | Path) -> list[EnergyNet]:
+    """The networks generation samples with: ``model`` (the final weights) for ``count`` 1, else the model
+    file's last ``count`` snapshots (train.snapshots), the final one first."""
+    if count == 1:
+        return [model]
+    kept = blob.get("snapshots") or []
+    if len(kept) < count:
+        raise CheckpointError(
+            f"generate.snapshots is {count}, but {path} keeps {len(kept)} snapshot{'' if len(kept) == 1 else 's'} "
+            "of its training; "
+            f"set train.snapshots to at least {count} and train again (dvc repro), or lower generate.snapshots"
+        )
+    nets = []
+    for snap in reversed(kept[-count:]):
+        net = copy.deepcopy(model)
+        net.load_state_dict(snap["model"])
+        nets.append(net.eval())
+    return nets
 
 
 def read_threshold(params: Params, who: str) -> float:

@@ -12,7 +12,7 @@ from pipeline.config import Params
 from pipeline.figures import image_grid, save_chain, save_grid
 from pipeline.generate import generate_samples
 from pipeline.runtime import resolve_device, resolve_precision
-from pipeline.stages.common import load_energy_model, write_json
+from pipeline.stages.common import load_energy_model, load_snapshots, write_json
 
 SAMPLE_IMAGES = "samples/generated"  # the final sample grid, an MLflow image series (a section "samples" in the UI)
 
@@ -23,10 +23,11 @@ def run(params: Params, progress: str | bool = True) -> dict:
     # reopened, so a store or run that cannot be used stops it before any sampling.
     device = resolve_device(params.runtime)
     model, blob = load_energy_model(params.paths.model, device)
+    nets = load_snapshots(model, blob, params.generate.snapshots, params.paths.model)
     tracker = tracking.resume_run(params.tracking, tracking.read_run_info(params.paths.run_info), params.flat())
     start = time.perf_counter()
     samples, snapshots = generate_samples(
-        model, params.generate, params.langevin, device,
+        nets, params.generate, params.langevin, device,
         progress=progress, progress_seconds=params.runtime.progress_seconds,
     )
     seconds = time.perf_counter() - start
@@ -43,13 +44,15 @@ def run(params: Params, progress: str | bool = True) -> dict:
             if params.generate.final_steps
             else ""
         )
-        + (", EMA weights" if blob.get("ema") else ""),
+        + (", EMA weights" if blob.get("ema") else "")
+        + (f" of the last {len(nets)} snapshots" if len(nets) > 1 else ""),
     )
     save_chain(snapshots, out / "chain.png")
     metrics = {
         "generate_seconds": round(seconds, 2),
         "n_samples": len(samples),
         "steps": params.generate.steps,
+        "snapshots": len(nets),
         "precision": resolve_precision(params.langevin.precision, device),
     }
     write_json(metrics, Path(params.paths.metrics_dir) / "generate.json")

@@ -137,6 +137,8 @@ def _run(params: Params, progress: str | bool, dist: distributed.Dist, device: t
             "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
             "ema": trainer.ema is not None,
             "trained_model": {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+            # The sampling weights of the last iterations (train.snapshots), oldest first; the last is "model".
+            "snapshots": [{"step": step, "model": weights} for step, weights in trainer.snapshots],
             "model_config": {"channels": list(params.model.channels), "hidden": params.model.hidden},
             "params": params.flat(),
             "precision": trainer.precision,
