@@ -39,7 +39,8 @@ def image_grid(images: torch.Tensor, nrow: int = 10, padding: int = 2) -> np.nda
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, title: str | None = None) -> plt.Figure:
     grid = image_grid(images, nrow=nrow)
     scale = 0.9 * nrow / 10
-    fig, ax = plt.subplots(figsize=(7 * scale, 7 * scale * grid.shape[0] / grid.shape[1] + (0.4 if title else 0)))
+    title_height = 0.4 * (title.count("\n") + 1) if title else 0
+    fig, ax = plt.subplots(figsize=(7 * scale, 7 * scale * grid.shape[0] / grid.shape[1] + title_height))
     ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     if title:

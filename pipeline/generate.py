@@ -33,7 +33,8 @@ def generate_samples(
 
     ``model`` may be several networks (snapshots of one training run, generate.snapshots): the chains are split
     evenly over them, each chain sampling one network, the first network's first (the chain figure's), all from one
-    generator; a single network gives the same samples as a list of it alone.
+    generator, and returned interleaved (chain j of network k at j * len(model) + k, while every network has a
+    j-th chain); a single network gives the same samples as a list of it alone.
     """
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     sampler_cfg = dataclasses.replace(langevin_cfg, step_size=cfg.step_size)
@@ -69,6 +70,10 @@ def generate_samples(
                     snapshots = {s: v[: cfg.chain_rows] for s, v in snaps.items()}
     bar.close()
     samples = torch.cat(out)
+    if len(models) > 1:  # interleaved, so that any first n samples (the grid's 100) mix every network's evenly
+        first = [sum(shares[:k]) for k in range(len(models))]
+        order = [first[k] + j for j in range(shares[0]) for k in range(len(models)) if j < shares[k]]
+        samples = samples[torch.tensor(order)]
     if len(snapshots) < len(set(cfg.chain_steps)):  # first batch smaller than chain_rows cannot happen (validated)
         raise RuntimeError("generate: chain snapshots missing")
     return samples, snapshots

@@ -45,7 +45,7 @@ def run(params: Params, progress: str | bool = True) -> dict:
             else ""
         )
         + (", EMA weights" if blob.get("ema") else "")
-        + (f" of the last {len(nets)} snapshots" if len(nets) > 1 else ""),
+        + (f"\nchains split over the last {len(nets)} snapshots of the weights" if len(nets) > 1 else ""),
     )
     save_chain(snapshots, out / "chain.png")
     metrics = {
