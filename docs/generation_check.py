@@ -30,7 +30,7 @@ from pipeline.experiments import cached_outputs, params_at  # noqa: E402
 from pipeline.figures import save_grid  # noqa: E402
 from pipeline.generate import generate_samples  # noqa: E402
 from pipeline.model import IMAGE_SHAPE  # noqa: E402
-from pipeline.stages.common import load_classifier, load_energy_model  # noqa: E402
+from pipeline.stages.common import load_classifier, load_energy_model, load_snapshots  # noqa: E402
 
 
 def main() -> None:
@@ -53,10 +53,11 @@ def main() -> None:
             print(f"seed {run['seed']}: trained model not in this DVC cache")
             continue
         model_file, classifier_file = files
-        model, _ = load_energy_model(model_file, device)
+        model, blob = load_energy_model(model_file, device)
         cfg = dataclasses.replace(params.generate, seed=run["seed"], **changes)
         cfg.validate("generate")
-        samples, _ = generate_samples(model, cfg, params.langevin, device, progress=False)
+        nets = load_snapshots(model, blob, cfg.snapshots, model_file)  # generate.snapshots: the run's, or --set
+        samples, _ = generate_samples(nets, cfg, params.langevin, device, progress=False)
         generator = torch.Generator().manual_seed(params.evaluate.seed)  # the evaluate stage's draws, in its order
         uniform_noise(params.evaluate.n_noise, IMAGE_SHAPE, device="cpu", generator=generator)
         m, per_digit = classifier_metrics(

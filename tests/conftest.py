@@ -35,10 +35,13 @@ TINY = {
         "log_every": 3,  # > 1 and not a divisor of the 8 steps: the last step is logged on its own
         "sample_every": 6,
         "checkpoint_every": 2,
+        "snapshots": 3,  # the weights after steps 4, 6 and 8 of 8: generation splits its chains over them
+        "snapshot_every": 2,
     },
     "classifier": {"epochs": 1, "batch_size": 32, "feature_dim": 16},
     "generate": {
         "n_samples": 24, "steps": 6, "final_steps": 2, "batch_size": 12, "chain_rows": 3, "chain_steps": [0, 1, 5],
+        "snapshots": 3,
     },
     "evaluate": {"n_noise": 24, "hist_bins": 10},
     "ood": {"n_noise": 24, "hist_bins": 10},

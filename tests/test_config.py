@@ -24,6 +24,7 @@ def test_repository_params_load_and_flatten():
     assert flat["train.ema_decay"] == 0.999 and flat["generate.step_size"] == 25.0
     assert flat["train.weight_grad_clip"] == 0.1
     assert flat["generate.final_steps"] == 250 and flat["generate.final_noise"] == 0.07  # the hot end
+    assert flat["train.snapshots"] == 10 and flat["train.snapshot_every"] == 24 and flat["generate.snapshots"] == 10
     assert flat["langevin.precision"] == "auto"
     assert flat["runtime.device"] == "auto" and flat["runtime.progress_seconds"] == 30.0
     assert isinstance(params, Params)
