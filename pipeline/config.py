@@ -239,12 +239,6 @@ class GenerateConfig:
             raise _allowed(f"{section}.final_noise", self.final_noise, "a number >= 0")
         if self.chain_rows > self.n_samples:
             raise _allowed(f"{section}.chain_rows", self.chain_rows, f"at most n_samples ({self.n_samples})")
-        if self.chain_rows > self.n_samples // self.snapshots:
-            raise _allowed(
-                f"{section}.snapshots", self.snapshots,
-                f"at most n_samples // chain_rows ({self.n_samples // self.chain_rows}): the chain figure shows the "
-                "final snapshot's chains",
-            )
         bad = [s for s in self.chain_steps if not 0 <= s < self.steps]
         if not self.chain_steps or bad:
             raise _allowed(

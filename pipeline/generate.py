@@ -74,6 +74,7 @@ def generate_samples(
         first = [sum(shares[:k]) for k in range(len(models))]
         order = [first[k] + j for j in range(shares[0]) for k in range(len(models)) if j < shares[k]]
         samples = samples[torch.tensor(order)]
-    if len(snapshots) < len(set(cfg.chain_steps)):  # first batch smaller than chain_rows cannot happen (validated)
+    # The chain figure's rows: the first network's first chains, up to chain_rows (fewer where its share is smaller).
+    if len(snapshots) < len(set(cfg.chain_steps)):
         raise RuntimeError("generate: chain snapshots missing")
     return samples, snapshots

@@ -122,7 +122,7 @@ def test_a_broken_run_info_file_is_one_line_exit_1(tmp_path, monkeypatch, new_ml
     from pipeline.checkpoint import MODEL_FORMAT, atomic_save
     from pipeline.model import EnergyNet
 
-    write_params(tmp_path / "params.yaml")
+    write_params(tmp_path / "params.yaml", {"generate": {"snapshots": 1}})  # the final weights: no snapshots needed
     monkeypatch.chdir(tmp_path)
     atomic_save(
         {

@@ -179,7 +179,7 @@ def test_stages_print_a_line_per_interval_when_stderr_is_not_a_terminal(prepared
     classifier = _lines(err, "classifier")
     assert [int(m["n"]) for m in classifier] == [1, 2] and classifier[0]["stats"].startswith(", loss ")
     generate = _lines(err, "generate")
-    assert [int(m["n"]) for m in generate] == list(range(1, 13))  # 2 batches x 6 Langevin steps
+    assert [int(m["n"]) for m in generate] == list(range(1, 19))  # 3 snapshots x 8 chains (a batch each) x 6 steps
 
     assert main(["train_classifier", "--no-progress"]) == 0
     assert main(["generate", "--no-progress"]) == 0

@@ -26,6 +26,7 @@ def _trainer(tmp_path, step_fn=cd_step, name="ckpt.pt", **train):
     raw = tiny_params_dict({
         "train": {"epochs": 3, "checkpoint_every": 2, "ema_decay": 0.8, "snapshots": 3, "snapshot_every": 2, **train},
         "tracking": {"enabled": False},
+        "generate": {"snapshots": 1},  # these trainers only train
     })
     images = torch.linspace(-1, 1, 48 * 1024).reshape(48, 1, 32, 32)
     return Trainer(
@@ -118,7 +119,6 @@ def test_load_snapshots_gives_the_last_ones_final_first_or_a_one_line_error():
         ({"train": {"snapshot_every": 0}}, "train.snapshot_every"),
         ({"generate": {"snapshots": 0}}, "generate.snapshots"),
         ({"train": {"snapshots": 2}, "generate": {"snapshots": 3}}, "generate.snapshots"),
-        ({"train": {"snapshots": 20}, "generate": {"snapshots": 10}}, "generate.snapshots"),  # 24 // 10 < 3 chain rows
     ],
 )
 def test_bad_snapshot_values_are_one_line_errors(overrides, key):
