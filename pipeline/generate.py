@@ -44,18 +44,19 @@ def generate_samples(
         phases.append((dataclasses.replace(sampler_cfg, noise=cfg.final_noise), cool, cfg.final_steps))
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
     shares = [cfg.n_samples // len(models) + (k < cfg.n_samples % len(models)) for k in range(len(models))]
-    batches = [  # (network, first chain, chains): each network's share of the chains in batches
-        (k, sum(shares[:k]) + i, min(cfg.batch_size, share - i))
-        for k, share in enumerate(shares)
-        for i in range(0, share, cfg.batch_size)
+    firsts = [sum(shares[:k]) for k in range(len(models))]  # each network's first chain
+    batches = [  # per network: (first chain, chains) of each batch of its share
+        [(first + i, min(cfg.batch_size, share - i)) for i in range(0, share, cfg.batch_size)]
+        for first, share in zip(firsts, shares)
     ]
-    bar = Progress("generate", len(batches) * cfg.steps, mode=progress, interval=progress_seconds, unit="step")
+    total = sum(map(len, batches)) * cfg.steps
+    bar = Progress("generate", total, mode=progress, interval=progress_seconds, unit="step")
     out, snapshots = [], {}
-    for k, net in enumerate(models):
+    for net, net_batches in zip(models, batches):
         net.eval()
         score_fn = score_in_precision(net, langevin_cfg.precision)
         with frozen(net):
-            for start, n in (b[1:] for b in batches if b[0] == k):
+            for start, n in net_batches:
                 x0 = uniform_noise(n, IMAGE_SHAPE, device=device, generator=generator)
                 x, snaps = x0, {}
                 for phase_cfg, begin, steps in phases:
@@ -71,10 +72,9 @@ def generate_samples(
     bar.close()
     samples = torch.cat(out)
     if len(models) > 1:  # interleaved, so that any first n samples (the grid's 100) mix every network's evenly
-        first = [sum(shares[:k]) for k in range(len(models))]
-        order = [first[k] + j for j in range(shares[0]) for k in range(len(models)) if j < shares[k]]
+        order = [firsts[k] + j for j in range(shares[0]) for k in range(len(models)) if j < shares[k]]
         samples = samples[torch.tensor(order)]
-    # The chain figure's rows: the first network's first chains, up to chain_rows (fewer where its share is smaller).
+    # The chain figure's rows are the first network's first chains, up to chain_rows (fewer if its share is smaller).
     if len(snapshots) < len(set(cfg.chain_steps)):
         raise RuntimeError("generate: chain snapshots missing")
     return samples, snapshots
