@@ -214,7 +214,9 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
         params, {"generate.n_samples": gen_samples, "generate.steps": gen_steps,
                  "generate.batch_size": min(gen_samples, params.generate.batch_size),
                  "generate.chain_rows": min(gen_samples, params.generate.chain_rows),
-                 "generate.chain_steps": [gen_steps - 1]},
+                 "generate.chain_steps": [gen_steps - 1],
+                 # the hot end keeps its share of the chain, so --gen-steps below final_steps stays valid
+                 "generate.final_steps": round(params.generate.final_steps * gen_steps / params.generate.steps)},
     ).generate
     start = time.perf_counter()
     generate_samples(model, gen_cfg, lcfg, device, progress=False)

@@ -14,13 +14,14 @@ def test_bench_prints_every_line(tmp_path):
     params.write_text(yaml.safe_dump(tiny_params_dict()))
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline", "bench", "--params", str(params), "--iters", "2", "--steps", "3", "--batch-size", "16",
-         "--gen-samples", "8", "--gen-steps", "3", "--ablation", "1"],
+         # --gen-steps below the tiny config's hot end (final_steps 2): scaled with it, not refused
+         "--gen-samples", "8", "--gen-steps", "1", "--ablation", "1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "batch 16 x 3 Langevin steps" in out
-    for needle in ("eager fp32 reference:", "project trainer:", "matmul", "generate: 8 samples x 3 Langevin steps",
+    for needle in ("eager fp32 reference:", "project trainer:", "matmul", "generate: 8 samples x 1 Langevin steps",
                    "peak memory:"):
         assert needle in out, out
     ablation = [line for line in out.splitlines() if line.startswith("sampler alone (")]
