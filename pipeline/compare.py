@@ -200,7 +200,10 @@ def paired(rows: list[dict[str, Any]], recipes: list[str]) -> list[str]:
     base_rows = {r["seed"]: r for r in rows if r["recipe"] == base}
     for recipe in recipes[1:]:
         pairs = [(base_rows[r["seed"]], r) for r in rows if r["recipe"] == recipe and r["seed"] in base_rows]
-        cells = [f"{base} − {recipe}", ""]
+        # Runs from different CPU kinds or sampler precisions differ in more than the recipe: say so on the row.
+        mixed = any(mine.get(k) and other.get(k) and mine[k] != other[k]
+                    for mine, other in pairs for k in ("cpu", "precision"))
+        cells = [f"{base} − {recipe}" + (" (rows differ in CPU or sampler precision)" if mixed else ""), ""]
         seeds_used: set[int] = set()
         for _, key, title, fmt in scored:
             diffs = []

@@ -83,6 +83,16 @@ def test_paired_differences_count_the_better_seeds():
     assert "a − b" not in markdown([r for r in rows if r["recipe"] == "a"])
 
 
+def test_paired_row_says_when_its_runs_differ_in_cpu_or_precision():
+    rows = [{"recipe": r, "seed": 0, "fid": f, "cpu": cpu, "precision": prec}
+            for r, f, cpu, prec in [("a", 10.0, "AMD EPYC (AVX2)", "fp32"), ("b", 20.0, "AMD EPYC (AVX2)", "fp32"),
+                                    ("c", 30.0, "Intel Xeon (AVX512)", "bf16"), ("d", 40.0, None, None)]]
+    text = markdown(rows)
+    assert "| a − b | 1 |" in text  # same CPU and precision: a plain row
+    assert "| a − c (rows differ in CPU or sampler precision) | 1 |" in text
+    assert "| a − d | 1 |" in text  # not recorded (older runs): not a difference
+
+
 def test_rerunning_one_recipe_replaces_only_its_rows():
     rows = [{"recipe": "a", "seed": 0, "fid": 1.0}, {"recipe": "b", "seed": 0, "fid": 2.0}, {"recipe": "b", "seed": 1, "fid": 3.0}]
     rows = merge(rows, {"recipe": "a", "seed": 1, "fid": 4.0})
