@@ -218,11 +218,16 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
                  # the hot end keeps its share of the chain, so --gen-steps below final_steps stays valid
                  "generate.final_steps": round(params.generate.final_steps * gen_steps / params.generate.steps)},
     ).generate
+    # the generate stage splits the chains over generate.snapshots networks, in batches per network: the same
+    # split here (copies of one network; the cost does not depend on the weights)
+    networks = [model] * min(params.generate.snapshots, gen_samples)
     start = time.perf_counter()
-    generate_samples(model, gen_cfg, lcfg, device, progress=False)
+    generate_samples(networks, gen_cfg, lcfg, device, progress=False)
     _sync(device)
     results["generate_seconds"] = time.perf_counter() - start
-    emit(f"generate: {gen_samples} samples x {gen_steps} Langevin steps in {results['generate_seconds']:.1f} s")
+    results["generate_networks"] = len(networks)
+    emit(f"generate: {gen_samples} samples x {gen_steps} Langevin steps in {results['generate_seconds']:.1f} s "
+         f"(chains split over {len(networks)} network{'s' * (len(networks) > 1)}, as generate.snapshots)")
 
     results["peak_rss_mib"] = peak_rss_mib()
     line = f"peak memory: {results['peak_rss_mib']:.0f} MiB RSS"

@@ -24,6 +24,8 @@ def test_bench_prints_every_line(tmp_path):
     for needle in ("eager fp32 reference:", "project trainer:", "matmul", "generate: 8 samples x 1 Langevin steps",
                    "peak memory:"):
         assert needle in out, out
+    # generation splits its chains over generate.snapshots networks (3 in the tiny config), as the stage does
+    assert "chains split over 3 networks, as generate.snapshots" in out, out
     ablation = [line for line in out.splitlines() if line.startswith("sampler alone (")]
     assert len(ablation) == 1 and "16 chains x 3 steps" in ablation[0]
     from pipeline.bench import SAMPLER_VARIANTS
