@@ -21,7 +21,7 @@ def test_repository_params_load_and_flatten():
     assert flat["langevin.steps"] == 60 and flat["langevin.noise"] == 0.005 and flat["langevin.grad_clip"] == 0.03
     assert flat["train.batch_size"] == 128 and flat["train.lr"] == 2e-3 and flat["train.epochs"] == 30
     # the values the README's results depend on, beyond the book's
-    assert flat["train.ema_decay"] == 0.97 and flat["generate.step_size"] == 25.0
+    assert flat["train.ema_decay"] == 0.999 and flat["generate.step_size"] == 25.0
     assert flat["train.weight_grad_clip"] == 0.1
     assert flat["generate.final_steps"] == 250 and flat["generate.final_noise"] == 0.07  # the hot end
     assert flat["train.snapshots"] == 10 and flat["train.snapshot_every"] == 24 and flat["generate.snapshots"] == 10
