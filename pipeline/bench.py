@@ -287,8 +287,8 @@ def main(params: Params, argv: list[str]) -> int:
     parser.add_argument("--iters", type=int, default=20, help="timed training iterations per implementation (alternating)")
     parser.add_argument("--steps", type=int, default=60, help="Langevin steps per iteration (the book's 60)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per iteration (the book's 128)")
-    parser.add_argument("--gen-samples", type=int, default=1000)
-    parser.add_argument("--gen-steps", type=int, default=1000)
+    parser.add_argument("--gen-samples", type=int, help="samples generated (default: generate.n_samples)")
+    parser.add_argument("--gen-steps", type=int, help="Langevin steps of each (default: generate.steps)")
     parser.add_argument("--ablation", type=int, default=0, metavar="N",
                         help="also time the sampler alone with each gradient shortcut on and off, N times each")
     parser.add_argument("--levers", type=int, default=0, metavar="N",
@@ -306,7 +306,7 @@ def main(params: Params, argv: list[str]) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    run(params, args.iters, args.gen_samples, args.gen_steps)
+    run(params, args.iters, args.gen_samples or params.generate.n_samples, args.gen_steps or params.generate.steps)
     if args.ablation > 0:
         sampler_ablation(params, args.ablation)
     if args.levers > 0:
