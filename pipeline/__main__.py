@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.checkpoint import CheckpointError
     from pipeline.data import DataError
     from pipeline.distributed import DistributedError
+    from pipeline.langevin import KernelError
     from pipeline.progress import progress_mode
     from pipeline.runtime import DeviceError
     from pipeline.tracking import TrackingError
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return score_main(params, extra)
         elif args.command == "serve-model":
             return serve_model(params, extra)
-    except DeviceError as exc:
+    except (DeviceError, KernelError) as exc:
         print(exc, file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:

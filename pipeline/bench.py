@@ -27,7 +27,7 @@ from pipeline.buffer import ReplayBuffer
 from pipeline.config import ConfigError, Params, with_overrides
 from pipeline.experiments import check_overrides, parse_set
 from pipeline.generate import generate_samples
-from pipeline.langevin import sample, score_in_precision
+from pipeline.langevin import resolve_kernels, sample, score_in_precision
 from pipeline.model import IMAGE_SHAPE, EnergyNet, frozen
 from pipeline.runtime import describe, hardware, resolve_device, resolve_precision
 from pipeline.train import cd_step
@@ -136,8 +136,10 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     if device.type == "cpu":
         emit(f"cpu: {hw['cpu_model']}; ISA {hw['cpu_isa']}; {torch.get_num_threads()} threads; "
              f"bf16 {'native' if native else 'not native (emulated)'}")
+    kernels = resolve_kernels(lcfg.kernels, precision, device)
     emit(f"device: {describe(device)}; batch {batch} x {lcfg.steps} Langevin steps; "
-         f"precision {lcfg.precision}" + (f" -> {precision}" if lcfg.precision == "auto" else ""))
+         f"precision {lcfg.precision}" + (f" -> {precision}" if lcfg.precision == "auto" else "")
+         + f"; kernels {lcfg.kernels}" + (f" -> {kernels}" if lcfg.kernels == "auto" else ""))
 
     # (1) the eager fp32 baseline
     base_model = EnergyNet.from_config(params.model).to(device)
@@ -155,7 +157,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     buffer = ReplayBuffer.from_config(bcfg, IMAGE_SHAPE, device)
     buffer.push(filled)
     generator = torch.Generator(device=device).manual_seed(0)
-    score_fn = score_in_precision(model, precision)
+    score_fn = score_in_precision(model, precision, lcfg.kernels)
 
     def project() -> None:
         cd_step(model, optimizer, buffer, real, langevin_cfg=lcfg, train_cfg=tcfg, generator=generator, score_fn=score_fn)
@@ -185,6 +187,7 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
     langevin_flops = image_steps * flops_per_step
     results = {
         "precision": precision,
+        "kernels": score_fn.kernels,
         "eager_it_per_s": 1 / eager_s,
         "project_it_per_s": 1 / project_s,
         "speedup": eager_s / project_s,
@@ -239,10 +242,11 @@ def run(params: Params, iters: int, gen_samples: int, gen_steps: int, out=sys.st
 
 
 SAMPLER_VARIANTS = (  # (label, SamplerScore shortcuts, langevin.workers or None for the configured)
-    ("as written", {"channels_last": False, "without_autograd": False, "by_phases": False}, None),
-    ("+ channels-last", {"without_autograd": False, "by_phases": False}, None),
-    ("+ without autograd", {"by_phases": False}, None),
-    ("+ first layer by phases (the trainer's)", {}, None),
+    ("as written", {"channels_last": False, "without_autograd": False, "by_phases": False, "kernels": "aten"}, None),
+    ("+ channels-last", {"without_autograd": False, "by_phases": False, "kernels": "aten"}, None),
+    ("+ without autograd", {"by_phases": False, "kernels": "aten"}, None),
+    ("+ first layer by phases", {"kernels": "aten"}, None),
+    ("+ compiled kernels (the trainer's)", {}, None),
     ("the trainer's in one group of chains", {}, 1),
 )
 
@@ -262,7 +266,9 @@ def sampler_ablation(params: Params, reps: int, out=sys.stdout) -> dict[str, flo
     model = EnergyNet.from_config(params.model).to(device)
     x0 = torch.rand(batch, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
     precision = resolve_precision(lcfg.precision, device)
-    scores = {label: score_in_precision(model, precision, **kw) for label, kw, _ in SAMPLER_VARIANTS}
+    scores = {
+        label: score_in_precision(model, precision, **{"kernels": lcfg.kernels, **kw}) for label, kw, _ in SAMPLER_VARIANTS
+    }
     configs = {
         label: lcfg if workers is None else dataclasses.replace(lcfg, workers=workers)
         for label, _, workers in SAMPLER_VARIANTS

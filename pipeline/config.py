@@ -96,6 +96,7 @@ class LangevinConfig:
     grad_clip: float = 0.03  # elementwise clip of the input gradient; 0 disables it
     precision: str = "auto"  # auto | fp32 | bf16: arithmetic of the network inside the sampler
     workers: int = 0  # CPU: groups of chains run side by side, one core each; 0 = one per core
+    kernels: str = "auto"  # auto | compiled | aten: the fp32 CPU sampler's input gradient (pipeline/nativegrad.py)
 
     def validate(self, section: str) -> None:
         if self.workers < 0:
@@ -110,6 +111,8 @@ class LangevinConfig:
             raise _allowed(f"{section}.grad_clip", self.grad_clip, "a number >= 0 (0 = no clip)")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise _allowed(f"{section}.precision", self.precision, "one of auto, fp32, bf16")
+        if self.kernels not in ("auto", "compiled", "aten"):
+            raise _allowed(f"{section}.kernels", self.kernels, "one of auto, compiled, aten")
 
 
 @dataclass(frozen=True)

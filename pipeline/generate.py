@@ -54,7 +54,7 @@ def generate_samples(
     out, snapshots = [], {}
     for net, net_batches in zip(models, batches):
         net.eval()
-        score_fn = score_in_precision(net, langevin_cfg.precision)
+        score_fn = score_in_precision(net, langevin_cfg.precision, langevin_cfg.kernels)
         with frozen(net):
             for start, n in net_batches:
                 x0 = uniform_noise(n, IMAGE_SHAPE, device=device, generator=generator)

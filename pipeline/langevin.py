@@ -12,7 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from pipeline.config import LangevinConfig
+from pipeline import native
 from pipeline.inputgrad import chain_input_grad, layer_chain
+from pipeline.nativegrad import CompiledChain, compiled_chain
 from pipeline.polyphase import PolyphaseConv2d, polyphase_first_layers
 from pipeline.runtime import chain_workers, resolve_precision
 
@@ -200,11 +202,18 @@ class SamplerScore:
         model: torch.nn.Module,
         precision: str,
         *,
+        kernels: str = "auto",
         by_phases: bool = True,
         without_autograd: bool = True,
         channels_last: bool = True,
     ) -> None:
         """``precision``: ``auto`` (bf16 where the hardware runs it natively, else fp32), fp32 or bf16.
+
+        ``kernels`` (``langevin.kernels``): ``auto`` takes the input gradient with the compiled
+        kernels (``pipeline/nativegrad.py``) where they apply (the fp32 sampler on an x86 CPU, a
+        network of the book's shape) and build (a C compiler), and ATen's elsewhere; ``compiled``
+        requires them (``KernelError`` where they cannot be had); ``aten`` never uses them. What was
+        used is ``self.kernels``: ``compiled`` or ``aten``.
 
         ``by_phases``, ``without_autograd`` and ``channels_last`` switch the gradient shortcuts
         and the fp32 copy's layout (for the benchmark's ablation).
@@ -223,6 +232,12 @@ class SamplerScore:
             if by_phases and on_cpu:  # measured there only
                 self.polyphase = polyphase_first_layers(self.shadow)
         self.layers = layer_chain(self.shadow if self.shadow is not None else model) if without_autograd else None
+        self.compiled: CompiledChain | None = None
+        if resolve_kernels(kernels, self.precision, device) == "compiled":
+            self.compiled = compiled_chain(self.layers)
+            if self.compiled is None and kernels == "compiled":
+                raise KernelError(_why_not_compiled(self.precision, device, self.layers))
+        self.kernels = "compiled" if self.compiled is not None else "aten"
 
     @torch.no_grad()
     def sync(self) -> None:
@@ -231,6 +246,8 @@ class SamplerScore:
                 mine.copy_(source)
             for layer in self.polyphase:
                 layer.refresh()
+        if self.compiled is not None:
+            self.compiled.refresh()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.shadow is None:
@@ -247,13 +264,50 @@ class SamplerScore:
         network is not a chain of layers ``pipeline/inputgrad.py`` knows (then the sampler uses autograd)."""
         if self.layers is None:
             return None
+        if self.compiled is not None:
+            return lambda x: self.compiled(x.float())
         if self.shadow is None:
             return lambda x: chain_input_grad(self.layers, x)
         return lambda x: chain_input_grad(self.layers, self._cast(x)).float()
 
 
-def score_in_precision(model: torch.nn.Module, precision: str, **shortcuts: bool) -> SamplerScore:
+class KernelError(RuntimeError):
+    """``langevin.kernels: compiled`` where the compiled kernels cannot be used, worded as one line."""
+
+
+def resolve_kernels(requested: str, precision: str, device: torch.device) -> str:
+    """What computes the sampler's input gradient: ``compiled`` (``pipeline/nativegrad.py``) or ``aten``.
+
+    ``auto`` is ``compiled`` for the fp32 sampler on the CPU where the kernels build, else ``aten``;
+    ``compiled`` there too, and a ``KernelError`` elsewhere; ``aten`` stays. (A network not of the
+    book's shape also falls back; ``SamplerScore.kernels`` says what one sampler used.)
+    """
+    if requested not in ("auto", "compiled", "aten"):
+        raise ValueError(f"langevin: kernels must be auto, compiled or aten, got {requested!r}")
+    if requested == "aten":
+        return "aten"
+    if device.type == "cpu" and resolve_precision(precision, device) == "fp32" and native.load() is not None:
+        return "compiled"
+    if requested == "compiled":
+        raise KernelError(_why_not_compiled(resolve_precision(precision, device), device, layers=()))
+    return "aten"
+
+
+def _why_not_compiled(precision: str, device: torch.device, layers) -> str:
+    fix = "set langevin.kernels: auto (or aten)"
+    if device.type != "cpu" or precision != "fp32":
+        why = f"they serve the fp32 sampler on the CPU, and this one runs {precision} on {device.type}"
+    elif layers is None:
+        why = "the network is not a chain of layers the sampler differentiates without autograd"
+    elif native.load() is None:
+        why = f"they could not be built here: {native.reason()}"
+    else:
+        why = "the network is not of the book's shape (pipeline/nativegrad.py: split_chain)"
+    return f"langevin: langevin.kernels=compiled, but {why}; {fix}"
+
+
+def score_in_precision(model: torch.nn.Module, precision: str, kernels: str = "auto", **shortcuts: bool) -> SamplerScore:
     """A synced ``SamplerScore`` of ``model``."""
-    score = SamplerScore(model, precision, **shortcuts)
+    score = SamplerScore(model, precision, kernels=kernels, **shortcuts)
     score.sync()
     return score

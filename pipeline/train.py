@@ -141,6 +141,7 @@ def fingerprint(params: Params, data_digest: str) -> str:
     relevant["runtime"].pop("device")
     relevant["runtime"].pop("progress_seconds")  # how often progress is shown changes no result
     relevant["langevin"].pop("precision")
+    relevant["langevin"].pop("kernels")  # the same gradient, up to the order of its sums
     relevant["data_digest"] = data_digest
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=list).encode()).hexdigest()
 
@@ -184,7 +185,8 @@ class Trainer:
         self.generator = torch.Generator(device=device).manual_seed(self.cfg.seed + dist.rank)
         # The sampler's arithmetic: `auto` is bf16 only where the hardware runs it natively.
         self.precision = resolve_precision(params.langevin.precision, device)
-        self.score_fn = score_in_precision(self.model, self.precision)
+        self.score_fn = score_in_precision(self.model, self.precision, params.langevin.kernels)
+        self.kernels = self.score_fn.kernels  # compiled or aten: what takes the sampler's input gradient
         self.step = 0
         self.history: list[dict[str, float]] = []
         self.rollbacks = 0

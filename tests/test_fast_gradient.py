@@ -1,4 +1,7 @@
-"""The sampler's input gradient without autograd (pipeline/inputgrad.py) and by phases (pipeline/polyphase.py)."""
+"""The sampler's input gradient without autograd (pipeline/inputgrad.py) and by phases (pipeline/polyphase.py).
+
+These are ATen's kernels (``kernels="aten"``); the compiled ones are tested in test_compiled_kernels.py.
+"""
 
 import pytest
 import torch
@@ -82,7 +85,7 @@ def test_chain_gradient_is_autograds_bit_for_bit(precision):
     """The sampler's gradient without autograd is the same tensor autograd gives, in either precision."""
     model = _net()
     with frozen(model):
-        score = score_in_precision(model, precision)
+        score = score_in_precision(model, precision, kernels="aten")
         assert score.input_grad is not None
         x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
         mine = score.input_grad(x)
@@ -156,8 +159,8 @@ def test_polyphase_gradient_differs_from_the_plain_copy_only_by_the_order_of_its
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.5)  # weights moved by an optimizer step
-    score = score_in_precision(model, precision)
-    plain = score_in_precision(model, precision, by_phases=False)
+    score = score_in_precision(model, precision, kernels="aten")
+    plain = score_in_precision(model, precision, kernels="aten", by_phases=False)
     assert len(score.polyphase) == 1 and plain.polyphase == []  # the two paths do differ in the first layer
     x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with frozen(model):

@@ -14,7 +14,7 @@ import torch
 from pipeline import runtime
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import parse_params
-from pipeline.langevin import score_in_precision
+from pipeline.langevin import resolve_kernels, score_in_precision
 from pipeline.model import EnergyNet
 from pipeline.train import Trainer
 from pipeline.tracking import NullTracker
@@ -90,11 +90,16 @@ def test_precision_used_is_in_metrics_the_model_file_and_the_mlflow_run(tmp_path
     train.run(tiny_params, progress=False)
     metrics = json.loads((Path(tiny_params.paths.metrics_dir) / "train.json").read_text())
     assert metrics["precision"] == "fp32"
+    kernels = resolve_kernels("auto", "fp32", torch.device("cpu"))  # compiled wherever a C compiler builds them
+    assert metrics["kernels"] == kernels
     assert safe_load(tiny_params.paths.model, MODEL_FORMAT)["precision"] == "fp32"
     run_id = tracking.read_run_info(tiny_params.paths.run_info)
     run = MlflowClient(tracking_uri=tracking.tracking_uri()).get_run(run_id)
     assert run.data.params["langevin.precision"] == "auto"
     assert run.data.params["langevin.precision_resolved"] == "fp32"
+    assert run.data.params["langevin.kernels"] == "auto"
+    assert run.data.params["langevin.kernels_resolved"] == kernels
+    assert run.data.tags["kernels"] == kernels
     assert run.data.tags["precision"] == "fp32"
     assert run.data.tags["hardware.bf16_native"] == "false"
     assert run.data.tags["hardware.cpu_isa"] == torch.backends.cpu.get_cpu_capability()

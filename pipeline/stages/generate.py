@@ -11,6 +11,7 @@ from pipeline import tracking
 from pipeline.config import Params
 from pipeline.figures import image_grid, save_chain, save_grid
 from pipeline.generate import generate_samples
+from pipeline.langevin import resolve_kernels
 from pipeline.runtime import resolve_device, resolve_precision
 from pipeline.stages.common import load_energy_model, load_snapshots, write_json
 
@@ -54,6 +55,7 @@ def run(params: Params, progress: str | bool = True) -> dict:
         "steps": params.generate.steps,
         "snapshots": len(nets),
         "precision": resolve_precision(params.langevin.precision, device),
+        "kernels": resolve_kernels(params.langevin.kernels, params.langevin.precision, device),
     }
     write_json(metrics, Path(params.paths.metrics_dir) / "generate.json")
 

@@ -36,7 +36,7 @@ def run(params: Params, progress: str | bool = True) -> dict:
     test_split = data.load_split(split_path(params, "test"))
     pick = torch.randperm(len(test_split), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.n_images]
     originals, labels = test_split.images[pick], test_split.labels[pick]
-    score_fn = score_in_precision(model, params.langevin.precision)
+    score_fn = score_in_precision(model, params.langevin.precision, params.langevin.kernels)
 
     start = time.perf_counter()
     bar = Progress(

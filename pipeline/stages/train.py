@@ -82,7 +82,9 @@ def _run(params: Params, progress: str | bool, dist: distributed.Dist, device: t
     else:
         trainer.save_checkpoint()  # records the run id, so a resume after a kill logs into the same run
     if not resumed:  # a resume runs in the same precision (Trainer.try_resume refuses another)
-        tracker.log_params({**params.flat(), "langevin.precision_resolved": trainer.precision})
+        tracker.log_params(
+            {**params.flat(), "langevin.precision_resolved": trainer.precision, "langevin.kernels_resolved": trainer.kernels}
+        )
         # The training split as the run's dataset input, named after its source, digest = DVC's md5
         # (evaluate adds the test split).
         tracker.log_dataset(
@@ -97,6 +99,7 @@ def _run(params: Params, progress: str | bool, dist: distributed.Dist, device: t
         {
             **{f"hardware.{k}": v for k, v in hardware(device).items()},
             "precision": trainer.precision,
+            "kernels": trainer.kernels,
             "device": describe(device),
             "torch": torch.__version__,
             "model.parameters": str(count_parameters(trainer.model)),
@@ -158,6 +161,7 @@ def _run(params: Params, progress: str | bool, dist: distributed.Dist, device: t
         "train_seconds": round(result.seconds, 2),
         "seconds_per_step": round(result.seconds / max(1, result.steps - result.resumed_from), 4),
         "precision": trainer.precision,
+        "kernels": trainer.kernels,
     }
     write_json(metrics, Path(params.paths.metrics_dir) / "train.json")
     plots = Path(params.paths.plots_dir)
@@ -177,7 +181,7 @@ def _run(params: Params, progress: str | bool, dist: distributed.Dist, device: t
     tracker.close("FINISHED")
     checkpoint.unlink(missing_ok=True)  # the model file is the result; a stale checkpoint would be resumed
     print(
-        f"train: {result.steps} steps in {result.seconds:.1f}s on {describe(device)}, sampler in {trainer.precision}; "
+        f"train: {result.steps} steps in {result.seconds:.1f}s on {describe(device)}, sampler in {trainer.precision} ({trainer.kernels} kernels); "
         f"final loss {last['loss']:.4f} -> {model_path}"
     )
     return metrics
