@@ -40,13 +40,17 @@ static inline float exp_f32(float x) {
 }
 
 /* y = x sigmoid(x) (Swish, SiLU) and d = dy/dx = s (1 + x (1 - s)), s = sigmoid(x). */
-int swish_fwd(const float *restrict x, float *restrict y, float *restrict d, int64_t n) {
+static inline void swish_span(const float *restrict x, float *restrict y, float *restrict d, int64_t n) {
     for (int64_t i = 0; i < n; i++) {
         float v = x[i];
         float s = 1.0f / (1.0f + exp_f32(-v));
         y[i] = v * s;
         d[i] = s * (1.0f + v * (1.0f - s));
     }
+}
+
+int swish_fwd(const float *restrict x, float *restrict y, float *restrict d, int64_t n) {
+    swish_span(x, y, d, n);
     return 0;
 }
 
@@ -108,7 +112,7 @@ int col2im_1ch_s2(const float *restrict cols, float *restrict out,
     return 0;
 }
 
-static inline void col2im_s2_c(const float *restrict cols, const float *restrict d, float *restrict out,
+static inline __attribute__((always_inline)) void col2im_s2_c(const float *restrict cols, const float *restrict d, float *restrict out,
                                int64_t n, int64_t h, int64_t w, const int64_t c, int64_t k, int64_t pad,
                                int64_t ho, int64_t wo) {
     for (int64_t b = 0; b < n; b++) {
