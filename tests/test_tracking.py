@@ -176,10 +176,12 @@ def test_one_run_with_every_param_and_the_tags(repo):
     assert r.info.status == "FINISHED"
 
     params = flatten(yaml.safe_load((repo.path / "params.yaml").read_text()))
-    # every value of params.yaml, and the sampler's precision as it resolved on this machine
-    assert set(r.data.params) == set(params) | {"langevin.precision_resolved"}
+    # every value of params.yaml, and the sampler's precision and kernels as they resolved on this machine
+    assert set(r.data.params) == set(params) | {"langevin.precision_resolved", "langevin.kernels_resolved"}
     trained = json.loads((repo.path / "metrics/train.json").read_text())
     assert r.data.params["langevin.precision_resolved"] == trained["precision"] in ("fp32", "bf16")
+    assert r.data.params["langevin.kernels_resolved"] == trained["kernels"] in ("compiled", "aten")
+    assert trained["precision"] == "fp32" or trained["kernels"] == "aten"  # compiled kernels serve fp32 only
     for key in ("langevin.step_size", "train.alpha", "buffer.size", "buffer.reinit_prob", "model.channels"):
         assert key in r.data.params
     bad = {k: (r.data.params[k], v) for k, v in params.items() if not same_param(r.data.params[k], v)}
@@ -198,6 +200,7 @@ def test_one_run_with_every_param_and_the_tags(repo):
     assert tags["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")
     assert tags["device"] == tags["hardware.device"]
     assert tags["precision"] == trained["precision"]
+    assert tags["kernels"] == trained["kernels"]
     assert tags["torch"] == torch.__version__
 
 
