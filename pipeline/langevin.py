@@ -286,10 +286,13 @@ def resolve_kernels(requested: str, precision: str, device: torch.device) -> str
         raise ValueError(f"langevin: kernels must be auto, compiled or aten, got {requested!r}")
     if requested == "aten":
         return "aten"
-    if device.type == "cpu" and resolve_precision(precision, device) == "fp32" and native.load() is not None:
+    fp32_cpu = device.type == "cpu" and resolve_precision(precision, device) == "fp32"
+    if fp32_cpu and native.load() is not None:
         return "compiled"
     if requested == "compiled":
         raise KernelError(_why_not_compiled(resolve_precision(precision, device), device, layers=()))
+    if fp32_cpu:
+        native.warn_fallback()
     return "aten"
 
 

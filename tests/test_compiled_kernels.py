@@ -146,10 +146,14 @@ def no_compiler(tmp_path, monkeypatch):
     native.reset()
 
 
-def test_without_a_compiler_auto_falls_back_and_compiled_says_why(no_compiler):
+def test_without_a_compiler_auto_falls_back_and_compiled_says_why(no_compiler, capsys):
     assert native.load() is None
     assert "no C compiler (no-such-compiler not on PATH)" in native.reason()
     assert resolve_kernels("auto", "fp32", CPU) == "aten"
+    assert resolve_kernels("auto", "fp32", CPU) == "aten"
+    warned = capsys.readouterr().err.splitlines()  # once per process, in one line, with the reason
+    assert len(warned) == 1 and "no C compiler" in warned[0] and "ATen's kernels" in warned[0]
+    assert resolve_kernels("aten", "fp32", CPU) == "aten" and capsys.readouterr().err == ""
     score = score_in_precision(EnergyNet(), "fp32")
     assert score.kernels == "aten" and score.input_grad is not None  # ATen's gradient without autograd
     with pytest.raises(KernelError) as err:

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -94,6 +95,19 @@ def reason() -> str | None:
     """Why ``load()`` gave None (one line), or None when the library is loaded."""
     load()
     return _state["reason"]  # type: ignore[return-value]
+
+
+def warn_fallback() -> None:
+    """Say once per process, on stderr, that the fp32 CPU sampler runs without the compiled kernels, and why."""
+    with _lock:
+        if _state.get("warned"):
+            return
+        _state["warned"] = True
+    print(
+        f"langevin: the compiled kernels are not available ({reason()}); the fp32 sampler uses ATen's kernels, "
+        "about 1.5x slower on the CPU (langevin.kernels: aten silences this)",
+        file=sys.stderr,
+    )
 
 
 def reset() -> None:
