@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from pipeline.config import LangevinConfig
 from pipeline import native
+from pipeline.config import LangevinConfig
 from pipeline.inputgrad import chain_input_grad, layer_chain
 from pipeline.nativegrad import CompiledChain, compiled_chain
 from pipeline.polyphase import PolyphaseConv2d, polyphase_first_layers

@@ -150,7 +150,7 @@ class CompiledChain:
             self._local.buffers = {
                 "shapes": shapes,
                 "taps": torch.empty(k * k, n * ho0 * wo0),
-                "pre": [torch.empty(n, s[2], s[3], c.out_channels) for s, c in zip(shapes, self.convs)],
+                "pre": torch.empty(n * ho0 * wo0, self.convs[0].out_channels),  # the first layer's (oneDNN allocates the others')
                 "act": [torch.empty(n, s[2], s[3], c.out_channels) for s, c in zip(shapes, self.convs)],
                 "deriv": [torch.empty(n, s[2], s[3], c.out_channels) for s, c in zip(shapes, self.convs)],
                 "cols": [None] + [torch.empty(n * s[2] * s[3], c.weight[0].numel()) for s, c in zip(shapes[1:], self.convs[1:])],
@@ -179,8 +179,8 @@ class CompiledChain:
         _, _, ho, wo = shapes[0]
         # forward: the first layer as a product of its columns, the others oneDNN's; each Swish keeps its derivative
         self._check(self.lib.im2col_1ch_s2(_ptr(x), _ptr(buf["taps"]), n, height, width, k, p, ho, wo), "im2col_1ch_s2")
-        torch.addmm(self.biases[0], buf["taps"].t(), self.first_weight, out=buf["pre"][0].view(n * ho * wo, -1))
-        self._swish(buf["pre"][0], buf["act"][0], buf["deriv"][0])
+        torch.addmm(self.biases[0], buf["taps"].t(), self.first_weight, out=buf["pre"])
+        self._swish(buf["pre"], buf["act"][0], buf["deriv"][0])
         for i in range(1, len(self.convs)):
             h = buf["act"][i - 1].permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels-last
             pre = F.conv2d(h, self.conv_weights[i], self.biases[i], stride=2, padding=self.convs[i].padding)
