@@ -28,7 +28,7 @@ from pipeline import native
 from pipeline.polyphase import PolyphaseConv2d
 
 MAX_CHANNELS = 256  # kernels.c
-MAX_PLANE = 65536  # kernels.c: four phase planes of the first layer's padded image, in floats
+MAX_PLANE = 65536  # kernels.c: MAX_PLANE_FLOATS, the four phase planes of the first layer's padded image
 
 
 def _conv(layer: nn.Module) -> nn.Module:

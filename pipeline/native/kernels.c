@@ -18,6 +18,7 @@
 #include <string.h>
 
 #define MAX_CHANNELS 256
+#define MAX_PLANE_FLOATS 65536 /* the four phase planes of the first layer's padded image, on the stack */
 
 /* exp(x) for float32 to about 2 ulp on [-87, 88] (clamped outside): Cody-Waite range
  * reduction and the Cephes polynomial, written so that it vectorises. */
@@ -54,6 +55,17 @@ int swish_fwd(const float *restrict x, float *restrict y, float *restrict d, int
     return 0;
 }
 
+/* The first layer's kernels keep each padded image as its four phase planes, (2, 2, ph, pw): padded pixel
+ * (ty, tx) sits at phase_at(ty, tx), and tap (ky, kx) of output pixel (oy, ox) reads the padded pixel
+ * (2 oy + ky, 2 ox + kx), that is tap_at(ky, kx) + oy * pw + ox: one contiguous run per output row. */
+static inline int64_t phase_at(int64_t ty, int64_t tx, int64_t ph, int64_t pw) {
+    return ((ty & 1) * 2 + (tx & 1)) * ph * pw + (ty >> 1) * pw + (tx >> 1);
+}
+
+static inline int64_t tap_at(int64_t ky, int64_t kx, int64_t ph, int64_t pw) {
+    return phase_at(ky, kx, ph, pw);
+}
+
 /* Columns of a one-channel stride-2 k x k convolution with zero padding, tap-major:
  * x (n, h, w) -> cols (k, k, n, ho, wo), cols[ky, kx, b, oy, ox] = x[b, 2 oy - pad + ky, 2 ox - pad + kx].
  * Each image is first split into the four phase planes of its padded copy, so that every
@@ -61,7 +73,7 @@ int swish_fwd(const float *restrict x, float *restrict y, float *restrict d, int
 int im2col_1ch_s2(const float *restrict x, float *restrict cols,
                   int64_t n, int64_t h, int64_t w, int64_t k, int64_t pad, int64_t ho, int64_t wo) {
     const int64_t half = (k - 1) / 2 + 1, ph = ho + half, pw = wo + half;
-    if (4 * ph * pw > 65536) return -1;
+    if (4 * ph * pw > MAX_PLANE_FLOATS) return -1;
     float planes[4 * ph * pw];
     for (int64_t b = 0; b < n; b++) {
         memset(planes, 0, sizeof(planes));
@@ -69,13 +81,12 @@ int im2col_1ch_s2(const float *restrict x, float *restrict cols,
             const int64_t ty = iy + pad;
             for (int64_t ix = 0; ix < w; ix++) {
                 const int64_t tx = ix + pad;
-                if ((ty >> 1) < ph && (tx >> 1) < pw)
-                    planes[((ty & 1) * 2 + (tx & 1)) * ph * pw + (ty >> 1) * pw + (tx >> 1)] = x[(b * h + iy) * w + ix];
+                if ((ty >> 1) < ph && (tx >> 1) < pw) planes[phase_at(ty, tx, ph, pw)] = x[(b * h + iy) * w + ix];
             }
         }
         for (int64_t ky = 0; ky < k; ky++)
             for (int64_t kx = 0; kx < k; kx++) {
-                const float *pl = planes + ((ky & 1) * 2 + (kx & 1)) * ph * pw + (ky >> 1) * pw + (kx >> 1);
+                const float *pl = planes + tap_at(ky, kx, ph, pw);
                 float *dst = cols + ((ky * k + kx) * n + b) * ho * wo;
                 for (int64_t oy = 0; oy < ho; oy++) memcpy(dst + oy * wo, pl + oy * pw, wo * sizeof(float));
             }
@@ -89,14 +100,14 @@ int im2col_1ch_s2(const float *restrict x, float *restrict cols,
 int col2im_1ch_s2(const float *restrict cols, float *restrict out,
                   int64_t n, int64_t h, int64_t w, int64_t k, int64_t pad, int64_t ho, int64_t wo) {
     const int64_t half = (k - 1) / 2 + 1, ph = ho + half, pw = wo + half;
-    if (4 * ph * pw > 65536) return -1;
+    if (4 * ph * pw > MAX_PLANE_FLOATS) return -1;
     float planes[4 * ph * pw];
     for (int64_t b = 0; b < n; b++) {
         memset(planes, 0, sizeof(planes));
         for (int64_t ky = 0; ky < k; ky++)
             for (int64_t kx = 0; kx < k; kx++) {
                 const float *src = cols + ((ky * k + kx) * n + b) * ho * wo;
-                float *pl = planes + ((ky & 1) * 2 + (kx & 1)) * ph * pw + (ky >> 1) * pw + (kx >> 1);
+                float *pl = planes + tap_at(ky, kx, ph, pw);
                 for (int64_t oy = 0; oy < ho; oy++)
                     for (int64_t ox = 0; ox < wo; ox++) pl[oy * pw + ox] += src[oy * wo + ox];
             }
@@ -104,8 +115,7 @@ int col2im_1ch_s2(const float *restrict cols, float *restrict out,
             const int64_t ty = iy + pad;
             for (int64_t ix = 0; ix < w; ix++) {
                 const int64_t tx = ix + pad;
-                out[(b * h + iy) * w + ix] =
-                    (ty >> 1) < ph && (tx >> 1) < pw ? planes[((ty & 1) * 2 + (tx & 1)) * ph * pw + (ty >> 1) * pw + (tx >> 1)] : 0.0f;
+                out[(b * h + iy) * w + ix] = (ty >> 1) < ph && (tx >> 1) < pw ? planes[phase_at(ty, tx, ph, pw)] : 0.0f;
             }
         }
     }
