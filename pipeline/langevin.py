@@ -236,7 +236,7 @@ class SamplerScore:
         if resolve_kernels(kernels, self.precision, device) == "compiled":
             self.compiled = compiled_chain(self.layers)
             if self.compiled is None and kernels == "compiled":
-                raise KernelError(_why_not_compiled(self.precision, device, self.layers))
+                raise KernelError(_refusal(_why_not_this_network(self.layers)))
         self.kernels = "compiled" if self.compiled is not None else "aten"
 
     @torch.no_grad()
@@ -286,27 +286,33 @@ def resolve_kernels(requested: str, precision: str, device: torch.device) -> str
         raise ValueError(f"langevin: kernels must be auto, compiled or aten, got {requested!r}")
     if requested == "aten":
         return "aten"
-    fp32_cpu = device.type == "cpu" and resolve_precision(precision, device) == "fp32"
-    if fp32_cpu and native.load() is not None:
+    why = _why_no_kernels_here(resolve_precision(precision, device), device)
+    if why is None:
         return "compiled"
     if requested == "compiled":
-        raise KernelError(_why_not_compiled(resolve_precision(precision, device), device, layers=()))
-    if fp32_cpu:
-        native.warn_fallback()
+        raise KernelError(_refusal(why))
+    if device.type == "cpu" and resolve_precision(precision, device) == "fp32":
+        native.warn_fallback()  # the one case worth a word: the kernels apply here but did not build
     return "aten"
 
 
-def _why_not_compiled(precision: str, device: torch.device, layers) -> str:
-    fix = "set langevin.kernels: auto (or aten)"
+def _why_no_kernels_here(precision: str, device: torch.device) -> str | None:
+    """Why this precision on this device cannot have the compiled kernels, whatever the network; None if it can."""
     if device.type != "cpu" or precision != "fp32":
-        why = f"they serve the fp32 sampler on the CPU, and this one runs {precision} on {device.type}"
-    elif layers is None:
-        why = "the network is not a chain of layers the sampler differentiates without autograd"
-    elif native.load() is None:
-        why = f"they could not be built here: {native.reason()}"
-    else:
-        why = "the network is not of the book's shape (pipeline/nativegrad.py: split_chain)"
-    return f"langevin: langevin.kernels=compiled, but {why}; {fix}"
+        return f"they serve the fp32 sampler on the CPU, and this one runs {precision} on {device.type}"
+    if native.load() is None:
+        return f"they could not be built here: {native.reason()}"
+    return None
+
+
+def _why_not_this_network(layers: list[torch.nn.Module] | None) -> str:
+    if layers is None:
+        return "the network is not a chain of layers the sampler differentiates without autograd"
+    return "the network is not of the book's shape (pipeline/nativegrad.py: split_chain)"
+
+
+def _refusal(why: str) -> str:
+    return f"langevin: langevin.kernels=compiled, but {why}; set langevin.kernels: auto (or aten)"
 
 
 def score_in_precision(model: torch.nn.Module, precision: str, kernels: str = "auto", **shortcuts: bool) -> SamplerScore:
