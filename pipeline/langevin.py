@@ -286,12 +286,13 @@ def resolve_kernels(requested: str, precision: str, device: torch.device) -> str
         raise ValueError(f"langevin: kernels must be auto, compiled or aten, got {requested!r}")
     if requested == "aten":
         return "aten"
-    why = _why_no_kernels_here(resolve_precision(precision, device), device)
+    precision = resolve_precision(precision, device)
+    why = _why_no_kernels_here(precision, device)
     if why is None:
         return "compiled"
     if requested == "compiled":
         raise KernelError(_refusal(why))
-    if device.type == "cpu" and resolve_precision(precision, device) == "fp32":
+    if device.type == "cpu" and precision == "fp32":
         native.warn_fallback()  # the one case worth a word: the kernels apply here but did not build
     return "aten"
 

@@ -13,6 +13,7 @@ from pipeline import native
 from pipeline.langevin import KernelError, langevin, resolve_kernels, score_in_precision
 from pipeline.model import EnergyNet, frozen
 from pipeline.nativegrad import CompiledChain, split_chain
+from tests.nets import ChainNet
 
 CPU = torch.device("cpu")
 needs_kernels = pytest.mark.skipif(
@@ -135,25 +136,11 @@ def test_kernels_apply_to_the_fp32_cpu_sampler_only():
     assert score_in_precision(EnergyNet(), "bf16").kernels == "aten"
 
 
-class _Chain(nn.Module):
-    """A network offering its layers as a chain, as EnergyNet does, of any shape."""
-
-    def __init__(self, *layers: nn.Module) -> None:
-        super().__init__()
-        self.seq = nn.Sequential(*layers)
-
-    def layers(self) -> list[nn.Module]:
-        return list(self.seq)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.seq(x).squeeze(-1)
-
-
 @needs_kernels
 def test_compiled_refuses_a_network_it_cannot_take_and_auto_falls_back():
     torch.manual_seed(0)
-    stride1 = _Chain(nn.Conv2d(1, 8, 3, 1, 1), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 1))
-    tanh = _Chain(nn.Conv2d(1, 8, 3, 2, 1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 16 * 16, 1))
+    stride1 = ChainNet(nn.Conv2d(1, 8, 3, 1, 1), nn.SiLU(), nn.Flatten(), nn.Linear(8 * 32 * 32, 1))
+    tanh = ChainNet(nn.Conv2d(1, 8, 3, 2, 1), nn.Tanh(), nn.Flatten(), nn.Linear(8 * 16 * 16, 1))
     for net, why in ((stride1, "not of the book's shape"), (tanh, "not a chain of layers")):
         assert score_in_precision(net, "fp32").kernels == "aten"
         with pytest.raises(KernelError) as err:

@@ -11,6 +11,7 @@ from pipeline.inputgrad import chain_input_grad, layer_chain
 from pipeline.langevin import langevin, score_in_precision
 from pipeline.model import EnergyNet, frozen
 from pipeline.polyphase import PolyphaseConv2d, phase_weight, polyphase_first_layers
+from tests.nets import ChainNet
 
 
 def _net(seed: int = 0) -> EnergyNet:
@@ -184,20 +185,12 @@ def test_polyphase_gradient_differs_from_the_plain_copy_only_by_the_order_of_its
 
 
 def test_networks_outside_the_known_layers_use_autograd():
-    class Other(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16 * 16, 1))
+    def tanh_net():
+        return ChainNet(nn.Conv2d(1, 4, 3, 2, 1), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 16 * 16, 1))
 
-        def layers(self):
-            return list(self.body)
-
-        def forward(self, x):
-            return self.body(x).squeeze(-1)
-
-    assert layer_chain(Other()) is None
+    assert layer_chain(tanh_net()) is None
     assert layer_chain(nn.Sequential(nn.Linear(3, 1))) is None  # no layers() method
-    other = Other()
+    other = tanh_net()
     score = score_in_precision(other, "fp32")
     assert score.input_grad is None
     x0 = torch.rand(4, 1, 32, 32) * 2 - 1

@@ -57,13 +57,9 @@ int swish_fwd(const float *restrict x, float *restrict y, float *restrict d, int
 
 /* The first layer's kernels keep each padded image as its four phase planes, (2, 2, ph, pw): padded pixel
  * (ty, tx) sits at phase_at(ty, tx), and tap (ky, kx) of output pixel (oy, ox) reads the padded pixel
- * (2 oy + ky, 2 ox + kx), that is tap_at(ky, kx) + oy * pw + ox: one contiguous run per output row. */
+ * (2 oy + ky, 2 ox + kx), that is phase_at(ky, kx) + oy * pw + ox: one contiguous run per output row. */
 static inline int64_t phase_at(int64_t ty, int64_t tx, int64_t ph, int64_t pw) {
     return ((ty & 1) * 2 + (tx & 1)) * ph * pw + (ty >> 1) * pw + (tx >> 1);
-}
-
-static inline int64_t tap_at(int64_t ky, int64_t kx, int64_t ph, int64_t pw) {
-    return phase_at(ky, kx, ph, pw);
 }
 
 /* Columns of a one-channel stride-2 k x k convolution with zero padding, tap-major:
@@ -86,7 +82,7 @@ int im2col_1ch_s2(const float *restrict x, float *restrict cols,
         }
         for (int64_t ky = 0; ky < k; ky++)
             for (int64_t kx = 0; kx < k; kx++) {
-                const float *pl = planes + tap_at(ky, kx, ph, pw);
+                const float *pl = planes + phase_at(ky, kx, ph, pw);
                 float *dst = cols + ((ky * k + kx) * n + b) * ho * wo;
                 for (int64_t oy = 0; oy < ho; oy++) memcpy(dst + oy * wo, pl + oy * pw, wo * sizeof(float));
             }
@@ -107,7 +103,7 @@ int col2im_1ch_s2(const float *restrict cols, float *restrict out,
         for (int64_t ky = 0; ky < k; ky++)
             for (int64_t kx = 0; kx < k; kx++) {
                 const float *src = cols + ((ky * k + kx) * n + b) * ho * wo;
-                float *pl = planes + tap_at(ky, kx, ph, pw);
+                float *pl = planes + phase_at(ky, kx, ph, pw);
                 for (int64_t oy = 0; oy < ho; oy++)
                     for (int64_t ox = 0; ox < wo; ox++) pl[oy * pw + ox] += src[oy * wo + ox];
             }
